@@ -1,0 +1,314 @@
+"""The adapter store: task deltas kept on disk, one file per task version plus a JSON manifest.
+
+`DeltaStore` is the small interface the server uses (list / get_info / read_bytes / put /
+delete), so that another backend (S3, a database) can replace `LocalDeltaStore` later.
+
+Guarantees of `LocalDeltaStore`:
+- a delta is validated completely (`parse_delta`) before anything touches the disk;
+- every write is atomic: a temp file in the same folder, fsync, `os.replace`, fsync of the
+  folder; the manifest is written the same way, and it is the manifest that makes a new
+  version visible, so the old version serves until the new one is fully written;
+- uploads to one name are serialised (a lock per name); versions only ever increase, also
+  across a delete, so `(name, version)` always means the same bytes;
+- files of replaced or deleted versions, and leftovers of a crash, are removed.
+
+The store knows no torch module: it reads bytes, asks `parse_delta` whether they are valid
+against a `BackboneSpec`, and keeps what the manifest needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+from adapters_store.format import BackboneSpec, TaskDelta, parse_delta
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "deltaserve-store/1"
+DEFAULT_MAX_DELTA_BYTES = 64 * 1024 * 1024
+
+
+class StoreError(Exception):
+    """Base of the store's own errors (invalid deltas raise `InvalidDelta` from the format)."""
+
+
+class InvalidTaskName(StoreError, ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"task name {name!r} must match {NAME_PATTERN.pattern}")
+
+
+class TaskNotFound(StoreError, KeyError):
+    def __init__(self, name: str, version: int | None = None) -> None:
+        self.name = name
+        self.version = version
+        what = f"task {name!r}" if version is None else f"version {version} of task {name!r}"
+        super().__init__(f"{what} not found")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class DeltaTooLarge(StoreError, ValueError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"delta is {size} bytes; the limit is {limit} bytes")
+
+
+class StoreCorrupt(StoreError, RuntimeError):
+    """A stored file no longer matches its manifest entry (changed or lost on disk)."""
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):  # fullmatch: `$` alone would accept a trailing newline
+        raise InvalidTaskName(name)
+    return name
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One task as the manifest keeps it and `GET /tasks` shows it."""
+
+    name: str
+    version: int
+    sha256: str
+    delta_bytes: int
+    created_at: str
+    method: str
+    task_type: str
+    labels: list[str]
+    description: str = ""
+    problem_type: str = "single_label"
+    max_length: int | None = None
+    word_piece: str = "first"
+    backbone_fingerprint: str = ""
+    head_bytes: int = 0
+    bytes_by_part: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_delta(cls, name: str, version: int, data: bytes, delta: TaskDelta) -> TaskInfo:
+        meta = delta.meta
+        return cls(
+            name=name,
+            version=version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            delta_bytes=len(data),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            method=meta.method,
+            task_type=meta.task_type,
+            labels=list(meta.labels),
+            description=meta.description,
+            problem_type=meta.problem_type,
+            max_length=meta.max_length,
+            word_piece=meta.word_piece,
+            backbone_fingerprint=meta.backbone_fingerprint,
+            head_bytes=delta.head.nbytes,
+            bytes_by_part=delta.bytes_by_part(),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> TaskInfo:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
+
+
+class DeltaStore(Protocol):
+    """Where task deltas live. Implementations are safe to call from several threads."""
+
+    def list(self) -> list[TaskInfo]: ...
+
+    def get_info(self, name: str) -> TaskInfo | None: ...
+
+    def read_bytes(self, name: str, version: int | None = None) -> bytes:
+        """The file of `version` (default: the current one); `TaskNotFound` when it is gone."""
+        ...
+
+    def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
+        """Validate and store a new version; returns its info and whether the task is new."""
+        ...
+
+    def delete(self, name: str) -> TaskInfo:
+        """Remove a task; returns what was removed; `TaskNotFound` when unknown."""
+        ...
+
+
+class LocalDeltaStore:
+    """A folder: `manifest.json` and `deltas/<name>/<version>.safetensors`."""
+
+    def __init__(self, root: str | os.PathLike[str], spec: BackboneSpec,
+                 max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES) -> None:
+        self.root = Path(root)
+        self.spec = spec
+        self.max_delta_bytes = max_delta_bytes
+        self._deltas = self.root / "deltas"
+        self._manifest_path = self.root / MANIFEST
+        self._lock = threading.Lock()  # guards the in-memory manifest and its file
+        self._name_locks: dict[str, threading.Lock] = {}
+        self.created = not self._manifest_path.exists()
+        self._deltas.mkdir(parents=True, exist_ok=True)
+        self._tasks, self._last_versions = self._load_manifest()
+        self._remove_strays()
+
+    # ------------------------------------------------------------------ reading
+
+    def list(self) -> list[TaskInfo]:
+        with self._lock:
+            return sorted(self._tasks.values(), key=lambda info: info.name)
+
+    def get_info(self, name: str) -> TaskInfo | None:
+        with self._lock:
+            return self._tasks.get(name)
+
+    def read_bytes(self, name: str, version: int | None = None) -> bytes:
+        with self._lock:
+            info = self._tasks.get(name)
+        if info is None or (version is not None and version != info.version):
+            raise TaskNotFound(name, version)
+        try:
+            data = self._path(name, info.version).read_bytes()
+        except FileNotFoundError:
+            # A replace between our manifest read and the file read removed this version.
+            current = self.get_info(name)
+            if current is not None and current.version != info.version:
+                raise TaskNotFound(name, info.version) from None
+            raise StoreCorrupt(f"the file of task {name!r} version {info.version} is missing") from None
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise StoreCorrupt(f"the file of task {name!r} version {info.version} does not match its sha256")
+        return data
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
+        check_name(name)
+        if len(data) > self.max_delta_bytes:
+            raise DeltaTooLarge(len(data), self.max_delta_bytes)
+        delta = parse_delta(data, self.spec)  # raises before anything is written
+        with self._name_lock(name):
+            with self._lock:
+                previous = self._tasks.get(name)
+                version = self._last_versions.get(name, 0) + 1
+            info = TaskInfo.from_delta(name, version, data, delta)
+            path = self._path(name, version)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+            with self._lock:
+                tasks = {**self._tasks, name: info}
+                last = {**self._last_versions, name: version}
+                try:
+                    self._write_manifest(tasks, last)
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+                self._tasks, self._last_versions = tasks, last
+            if previous is not None:
+                self._path(name, previous.version).unlink(missing_ok=True)
+        log.info("stored task %s version %d (%d bytes)", name, version, len(data))
+        return info, previous is None
+
+    def delete(self, name: str) -> TaskInfo:
+        with self._name_lock(name):
+            with self._lock:
+                info = self._tasks.get(name)
+                if info is None:
+                    raise TaskNotFound(name)
+                tasks = {k: v for k, v in self._tasks.items() if k != name}
+                self._write_manifest(tasks, self._last_versions)
+                self._tasks = tasks
+            folder = self._path(name, info.version).parent
+            self._path(name, info.version).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        log.info("deleted task %s", name)
+        return info
+
+    # ------------------------------------------------------------------ internals
+
+    def _path(self, name: str, version: int) -> Path:
+        return self._deltas / name / f"{version}.safetensors"
+
+    @contextlib.contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        with self._lock:
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    def _load_manifest(self) -> tuple[dict[str, TaskInfo], dict[str, int]]:
+        if not self._manifest_path.exists():
+            return {}, {}
+        raw = json.loads(self._manifest_path.read_text())
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise StoreCorrupt(f"{self._manifest_path} is not a {MANIFEST_FORMAT} manifest")
+        tasks = {}
+        for name, entry in raw.get("tasks", {}).items():
+            info = TaskInfo.from_dict(entry)
+            if not self._path(name, info.version).exists():
+                log.error("task %s: file of version %d is missing; dropping it", name, info.version)
+                continue
+            tasks[name] = info
+        last = {name: int(v) for name, v in raw.get("last_versions", {}).items()}
+        return tasks, last
+
+    def _write_manifest(self, tasks: dict[str, TaskInfo], last_versions: dict[str, int]) -> None:
+        body = {
+            "format": MANIFEST_FORMAT,
+            "tasks": {name: info.to_dict() for name, info in sorted(tasks.items())},
+            "last_versions": dict(sorted(last_versions.items())),
+        }
+        _atomic_write(self._manifest_path, json.dumps(body, indent=2).encode())
+
+    def _remove_strays(self) -> None:
+        """Drop what a crash may have left: temp files and versions no manifest entry names."""
+        keep = {self._path(name, info.version) for name, info in self._tasks.items()}
+        for path in list(self.root.glob(".*.tmp")) + list(self._deltas.glob("*/*")):
+            if path not in keep and path.is_file():
+                log.info("removing stray file %s", path)
+                path.unlink(missing_ok=True)
+        for folder in self._deltas.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; some platforms cannot open a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
