@@ -46,7 +46,7 @@ LAYOUTS: dict[str, Layout] = {
                    "attention.self.value", "intermediate.dense", "output.dense"),
     "distilbert": Layout("transformer.layer", "attention.out_lin", "attention.q_lin", "attention.k_lin",
                          "attention.v_lin", "ffn.lin1", "ffn.lin2"),
-    "mpnet": Layout("encoder.layer", "attention.o", "attention.attn.q", "attention.attn.k",
+    "mpnet": Layout("encoder.layer", "attention.attn.o", "attention.attn.q", "attention.attn.k",
                     "attention.attn.v", "intermediate.dense", "output.dense"),
 }
 LAYOUTS["roberta"] = LAYOUTS["xlm-roberta"] = LAYOUTS["camembert"] = LAYOUTS["bert"]

@@ -1,0 +1,33 @@
+"""Low-rank update `B · A` on a mixed batch.
+
+Choice: segment by segment (LoRAX/Punica's SGMV idea without a custom kernel): each task's
+rows are contiguous, so its correction is two small GEMMs on a view of the batch,
+`y += (x Aᵀ) Bᵀ`, written in place with `addmm_`. Rows of other tasks pay nothing. When the
+same task also has a keep mask on the module, `B·A` is folded into the materialised weight
+instead (`addmm_` on the scratch buffer), which is cheaper than a correction there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adapters_store.format import LowRank
+
+
+class PreparedLowRank:
+    def __init__(self, part: LowRank, device: torch.device, dtype: torch.dtype) -> None:
+        self.A = part.A.to(device=device, dtype=dtype).contiguous()  # [r, in]
+        self.B = part.B.to(device=device, dtype=dtype).contiguous()  # [out, r]
+        self._A_t = self.A.t()
+        self._B_t = self.B.t()
+
+    @property
+    def nbytes(self) -> int:
+        return (self.A.numel() + self.B.numel()) * self.A.element_size()
+
+    def add_to_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[rows] += x[rows] Aᵀ Bᵀ for 2-D views x [n, in], y [n, out] of one task's rows."""
+        y.addmm_(x @ self._A_t, self._B_t)
+
+    def add_to_weight(self, weight: torch.Tensor) -> None:
+        weight.addmm_(self.B, self.A)
