@@ -1,0 +1,179 @@
+"""The `deltaserve` command (also `python -m server`): serve, inspect, push, and the trainer's commands.
+
+`serve` has one flag per `Settings` field, generated from the settings model so that the
+flags, the `DELTASERVE_*` variables and the defaults can never drift apart; a flag given
+on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+
+from adapters_store.format import InvalidDelta, parse_delta, read_metadata
+from server.settings import Settings
+
+# Part names as `TaskDelta.bytes_by_part` gives them, for a file read without its backbone.
+_SUFFIX_PARTS = {"keep": "KeepMask", "lora_A": "LowRank", "lora_B": "LowRank",
+                 "sparse_index": "SparseUpdate", "sparse_value": "SparseUpdate", "head_keep": "HeadKeep"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltaserve", description="Multi-task inference on one frozen encoder.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server",
+                                description="Run the HTTP server. Every flag also reads DELTASERVE_<FLAG>.")
+    _add_settings_flags(serve)
+    serve.add_argument("--log-level", default=os.environ.get("DELTASERVE_LOG_LEVEL", "info"),
+                       choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(func=run_serve)
+
+    inspect = commands.add_parser("inspect", help="show a delta file's metadata, parts and bytes")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--backbone", help="validate against this backbone folder (or 'packaged' for MiniLM)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=run_inspect)
+
+    push = commands.add_parser("push", help="upload a delta file to a running server")
+    push.add_argument("file", type=Path)
+    push.add_argument("--name", required=True, help="task name")
+    push.add_argument("--url", default=os.environ.get("DELTASERVE_URL", "http://127.0.0.1:8000"))
+    push.add_argument("--token", default=os.environ.get("DELTASERVE_ADMIN_TOKEN"), help="admin token, if any")
+    push.set_defaults(func=run_push)
+
+    try:
+        from training.cli import add_parsers
+    except ImportError:  # the trainer's commands land separately; serving works without them
+        return parser
+    add_parsers(commands)
+    return parser
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        base = _base_type(field.annotation)
+        help_text = f"{field.description or ''} (env DELTASERVE_{name.upper()}; default {field.default})".strip()
+        if base is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=base if base in (int, float) else str, default=None,
+                                help=help_text)
+
+
+def _base_type(annotation: object) -> type:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation if isinstance(annotation, type) else str
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn's SIGTERM handling stops accepting, lets accepted requests finish, then runs the
+    # app's shutdown, where the batcher drains.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=60)
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    data = args.file.read_bytes()
+    try:
+        metadata = read_metadata(data)
+        if args.backbone:
+            from server.backbone import Backbone
+
+            backbone = Backbone.load(None if args.backbone == "packaged" else args.backbone, device="cpu")
+            delta = parse_delta(data, backbone.spec())
+            parts, validated = delta.bytes_by_part(), f"valid for backbone {backbone.name}"
+        else:
+            parts, validated = _parts_without_backbone(args.file), "not validated (pass --backbone to validate)"
+    except InvalidDelta as err:
+        print(f"invalid delta: {err}", file=sys.stderr)
+        return 1
+    report = {"file": str(args.file), "file_bytes": len(data), "metadata": metadata,
+              "bytes_by_part": parts, "tensor_bytes": sum(parts.values()), "validation": validated}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.file}  ({len(data):,} bytes; {validated})")
+    for key, value in metadata.items():
+        print(f"  {key:22} {value}")
+    print("  parts:")
+    for part, size in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"    {part:20} {size:>12,} bytes")
+    print(f"    {'total':20} {report['tensor_bytes']:>12,} bytes")
+    return 0
+
+
+def _parts_without_backbone(path: Path) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensor = handle.get_tensor(key)
+            if key.startswith("head."):
+                part = "TaskHead"
+            elif key == "pasta.vectors":
+                part = "PastaVectors"
+            else:
+                part = _SUFFIX_PARTS.get(key.rpartition(".")[2], "unknown")
+            totals[part] = totals.get(part, 0) + tensor.numel() * tensor.element_size()
+    return totals
+
+
+# --------------------------------------------------------------------------- push
+
+
+def run_push(args: argparse.Namespace) -> int:
+    import httpx
+
+    headers = {"Content-Type": "application/octet-stream"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    url = f"{args.url.rstrip('/')}/tasks/{args.name}"
+    try:
+        response = httpx.put(url, content=args.file.read_bytes(), headers=headers, timeout=120)
+    except httpx.HTTPError as err:
+        print(f"cannot reach {url}: {err}", file=sys.stderr)
+        return 1
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    print(json.dumps(body, indent=2))
+    return 0 if response.is_success else 1

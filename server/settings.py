@@ -1,0 +1,40 @@
+"""Server configuration: one `Settings` object, from CLI flags, `DELTASERVE_*` variables or defaults.
+
+Flags given on the command line win over environment variables, which win over defaults
+(pydantic-settings: init arguments first, then the environment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    store: Path = Path("./store")
+    backbone: str | None = Field(None, description="folder or hub name of the backbone; default: packaged MiniLM")
+    admin_token: str | None = Field(None, description="when set, PUT and DELETE need 'Authorization: Bearer <token>'")
+    device: str | None = Field(None, description="torch device; default: cuda when available, else cpu")
+
+    max_length: int = Field(128, ge=2, description="truncation for tasks whose delta names no max_length")
+    max_inputs: int = Field(64, ge=1, description="most inputs in one predict request (413 beyond)")
+    max_batch_tokens: int = Field(8192, ge=1, description="most tokens in one engine forward")
+    max_batch_requests: int = Field(64, ge=1, description="most requests merged into one engine forward")
+    batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
+    max_queue: int = Field(256, ge=1, description="requests waiting for the engine before 429")
+    max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")
+    cache_bytes: int = Field(512 * MiB, ge=0, description="device memory budget for prepared deltas")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+
+    demo: bool | None = Field(
+        None, description="install the demo tasks: true = any missing ones, false = never, "
+                          "unset = only into a brand-new store")
+    demo_dir: Path | None = Field(None, description="where the demo deltas are; default: the repo's demo/")
