@@ -1,0 +1,116 @@
+"""Command line: `deltaserve train` and `deltaserve import-peft`.
+
+`add_parsers(subparsers)` registers both on the server's CLI; `main()` runs them alone
+(`python -m training ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from training.methods import add_all_arguments, make_method, registry
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a task delta (or a full fine-tune for comparison)",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--method", required=True, choices=list(registry()))
+    train.add_argument("--train", required=True, help="training file: .tsv, .csv, .jsonl, or CoNLL")
+    train.add_argument("--eval", required=True, help="evaluation file, same format")
+    train.add_argument("--task-type", required=True, choices=("sequence-classification", "token-classification"))
+    train.add_argument("--text-column", help="name (or 0-based index) of the text column")
+    train.add_argument("--text-pair-column", help="second text of a pair")
+    train.add_argument("--label-column")
+    train.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    train.add_argument("--head-lr", type=float, help="classifier learning rate (default: the method's, else --lr)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--max-length", type=int, default=128)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--max-train-examples", type=int, help="train on a seeded random subset of this size")
+    train.add_argument("--max-eval-examples", type=int, help="evaluate on a seeded random subset")
+    train.add_argument("--head-pooler", action="store_true", help="train a task pooler (head.pooler) too")
+    train.add_argument("--word-piece", choices=("first", "last"), default="first")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--description", default="")
+    train.add_argument("--out", help="write the best epoch's delta here (.safetensors)")
+    train.add_argument("--report", help="write a JSON report here")
+    train.add_argument("--push", metavar="URL", help="upload the delta to a running server")
+    train.add_argument("--name", help="task name for --push")
+    train.add_argument("--token", help="bearer token for --push")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_all_arguments(train)
+    train.set_defaults(func=run_train)
+
+    imp = subparsers.add_parser("import-peft", help="convert a PEFT LoRA adapter folder into a task delta")
+    imp.add_argument("dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
+    imp.add_argument("--labels", help="comma-separated label names, in class-id order")
+    imp.add_argument("--task-type", choices=("sequence-classification", "token-classification"))
+    imp.add_argument("--max-length", type=int)
+    imp.set_defaults(func=run_import_peft)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.trainer import TrainSettings, train
+
+    if args.method == "finetune" and (args.out or args.push):
+        print("error: finetune trains every weight (embeddings and LayerNorms too), which no task delta can "
+              "hold; it only writes --report as the yardstick. Drop --out/--push.", file=sys.stderr)
+        return 2
+    if args.push and not args.name:
+        print("error: --push needs --name", file=sys.stderr)
+        return 2
+    settings = TrainSettings(
+        method=args.method, task_type=args.task_type, train=args.train, eval=args.eval,
+        text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
+        backbone=args.backbone, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples, head_pooler=args.head_pooler, word_piece=args.word_piece,
+        threads=args.threads, out=args.out, report=args.report, description=args.description,
+    )
+    result = train(settings, make_method(args.method, args), progress=not args.quiet)
+    summary = {k: v for k, v in result.report.items() if k not in ("history", "settings", "labels")}
+    print(json.dumps(summary, indent=2))
+    if args.push and result.delta_bytes is not None:
+        push(args.push, args.name, result.delta_bytes, args.token)
+    return 0
+
+
+def push(url: str, name: str, data: bytes, token: str | None = None) -> None:
+    import httpx
+
+    headers = {"Content-Type": "application/octet-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    response = httpx.put(f"{url.rstrip('/')}/tasks/{name}", content=data, headers=headers, timeout=60)
+    response.raise_for_status()
+    print(f"pushed {len(data)} bytes to {url.rstrip('/')}/tasks/{name}: HTTP {response.status_code}")
+
+
+def run_import_peft(args: argparse.Namespace) -> int:
+    from adapters_store.format import parse_delta
+    from server.backbone import Backbone
+    from training.peft_import import import_peft
+    from training.trainer import write_atomic
+
+    backbone = Backbone.load(args.backbone, device="cpu")
+    labels = args.labels.split(",") if args.labels else None
+    delta = import_peft(args.dir, backbone, labels=labels, task_type=args.task_type, max_length=args.max_length)
+    data = delta.to_bytes()
+    parse_delta(data, backbone.spec())
+    write_atomic(args.out, data)
+    print(f"wrote {args.out}: {len(delta.low_rank)} LoRA modules, {len(data)} bytes")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)

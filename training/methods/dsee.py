@@ -1,0 +1,157 @@
+"""DSEE (Chen et al. 2021): dually sparsity-embedded efficient tuning.
+
+Phase 1: for query and value, a low-rank update B·A (rank 8; A random, B zero) plus a sparse
+update S on a support Ω of the 16 largest |S| of a GreBsmo split of the pretrained weight,
+both scaled alpha/r. Phase 2 (after `--epochs`) prunes the pretrained weights and retrains for
+`--dsee-retrain-epochs`:
+- unstructured: drop exactly `ratio` of the weights, ranked globally across layers by |ΔW|
+  among the adapted modules and by |W| among the other encoder linears (each group at the
+  ratio, since the two scores are not comparable); exported as keep masks;
+- structured: per layer, drop the `heads` heads with the smallest Σ|ΔW_q| + Σ|ΔW_v| over
+  their rows; exported as head keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from training.grebsmo import sparse_support
+from training.methods import Method, TaskInfo
+from training.methods.lora import add_low_rank
+from training.model import DeltaLinear, DeltaModel
+
+LAYER_ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+
+
+@dataclass
+class DseeConfig:
+    targets: tuple[str, ...] = ("query", "value")
+    rank: int = 8
+    alpha: float = 16.0
+    sparse_k: int = 16
+    grebsmo_rank: int = 8
+    prune: str = "unstructured"  # unstructured | structured | none
+    ratio: float = 0.2
+    heads: int = 1
+    retrain_epochs: int = 1
+
+
+def delta_weight(module: DeltaLinear) -> torch.Tensor:
+    """ΔW = (s·B)·A + S as a dense matrix."""
+    with torch.no_grad():
+        delta = torch.zeros(module.shape, dtype=module.weight.dtype)
+        if module.lora_A is not None:
+            delta += module.folded_lora_B() @ module.lora_A
+        if module.sparse_value is not None and module.sparse_index is not None:
+            delta.view(-1).index_add_(0, module.sparse_index, module.folded_sparse_value())
+    return delta
+
+
+def smallest_fraction(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """Keep masks dropping exactly round(ratio·total) of the entries with the smallest scores."""
+    names = list(scores)
+    flat = torch.cat([scores[name].reshape(-1) for name in names])
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    count = round(ratio * flat.numel())
+    if count:
+        keep[torch.topk(flat, count, largest=False).indices] = False
+    masks, start = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        masks[name] = keep[start:start + size].view(scores[name].shape)
+        start += size
+    return masks
+
+
+def heads_to_drop(delta_q: torch.Tensor, delta_v: torch.Tensor, num_heads: int, count: int) -> list[int]:
+    head_dim = delta_q.shape[0] // num_heads
+    scores = [float(delta_q[h * head_dim:(h + 1) * head_dim].abs().sum()
+                    + delta_v[h * head_dim:(h + 1) * head_dim].abs().sum()) for h in range(num_heads)]
+    return sorted(sorted(range(num_heads), key=lambda h: scores[h])[:count])
+
+
+class Dsee(Method):
+    name = "dsee"
+    default_lr = 5e-4
+
+    def __init__(self, config: DseeConfig) -> None:
+        self.config = config
+        self.prune_epoch = 0
+        self.pruned: dict[str, object] = {}
+
+    def adapted(self, model: DeltaModel) -> list[str]:
+        return [model.layer_module(layer, role)
+                for layer in range(model.backbone.num_layers) for role in self.config.targets]
+
+    def setup(self, model: DeltaModel, task: TaskInfo) -> None:
+        c = self.config
+        for name in self.adapted(model):
+            module = model.wrap(name)
+            add_low_rank(module, c.rank, c.alpha)
+            module.sparse_index = sparse_support(module.weight, c.sparse_k, c.grebsmo_rank)
+            module.sparse_value = nn.Parameter(module.weight.new_zeros(c.sparse_k))
+            module.sparse_scale = c.alpha / c.rank
+
+    def total_epochs(self, epochs: int) -> int:
+        self.prune_epoch = epochs
+        return epochs + (self.config.retrain_epochs if self.config.prune != "none" else 0)
+
+    def on_epoch_end(self, model: DeltaModel, epoch: int) -> bool:
+        if epoch != self.prune_epoch or self.config.prune == "none":
+            return False
+        if self.config.prune == "unstructured":
+            self.prune_unstructured(model)
+        else:
+            self.prune_heads(model)
+        return True
+
+    def prune_unstructured(self, model: DeltaModel) -> None:
+        adapted = self.adapted(model)
+        others = [model.layer_module(layer, role) for layer in range(model.backbone.num_layers)
+                  for role in LAYER_ROLES if model.layer_module(layer, role) not in adapted]
+        groups = [
+            {name: delta_weight(model.deltas[name]).abs() for name in adapted},
+            {name: model.wrap(name).weight.detach().abs() for name in others},
+        ]
+        dropped = 0
+        for scores in groups:
+            for name, keep in smallest_fraction(scores, self.config.ratio).items():
+                model.deltas[name].keep = keep
+                dropped += int((~keep).sum())
+        self.pruned = {"pruned_weights": dropped}
+
+    def prune_heads(self, model: DeltaModel) -> None:
+        num_heads = model.backbone.num_heads
+        dropped = {}
+        for layer in range(model.backbone.num_layers):
+            delta_q = delta_weight(model.wrap(model.layer_module(layer, "query")))
+            delta_v = delta_weight(model.wrap(model.layer_module(layer, "value")))
+            heads = heads_to_drop(delta_q, delta_v, num_heads, self.config.heads)
+            keep = torch.ones(num_heads, dtype=torch.uint8)
+            keep[heads] = 0
+            model.set_head_keep(layer, keep)
+            dropped[layer] = heads
+        self.pruned = {"dropped_heads": dropped}
+
+    def describe(self) -> dict[str, object]:
+        return {**asdict(self.config), **self.pruned}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--dsee-rank", type=int, default=DseeConfig.rank)
+    group.add_argument("--dsee-alpha", type=float, default=DseeConfig.alpha)
+    group.add_argument("--dsee-sparse-k", type=int, default=DseeConfig.sparse_k)
+    group.add_argument("--dsee-prune", choices=("unstructured", "structured", "none"), default=DseeConfig.prune)
+    group.add_argument("--dsee-ratio", type=float, default=DseeConfig.ratio, help="unstructured pruning ratio")
+    group.add_argument("--dsee-heads", type=int, default=DseeConfig.heads, help="heads removed per layer")
+    group.add_argument("--dsee-retrain-epochs", type=int, default=DseeConfig.retrain_epochs)
+
+
+def make(args: argparse.Namespace) -> Dsee:
+    return Dsee(DseeConfig(rank=args.dsee_rank, alpha=args.dsee_alpha, sparse_k=args.dsee_sparse_k,
+                           prune=args.dsee_prune, ratio=args.dsee_ratio, heads=args.dsee_heads,
+                           retrain_epochs=args.dsee_retrain_epochs))

@@ -1,0 +1,81 @@
+"""Masking (Zhao et al. 2020): learn a binary keep mask over pretrained weights.
+
+Each chosen linear gets a real-valued score per weight; the mask is `score >= tau` and the
+gradient passes straight through to the scores. Scores start uniform on [0, score_scale)
+with `tau` placed so that `initial_sparsity` of the weights starts masked. Defaults follow
+the paper: query, key, value, attention output, intermediate and output of layers 2..L-1,
+plus the pooler; never embeddings, LayerNorms or biases. The classifier trains normally
+unless `--mask-classifier` (the paper's variant: a random classifier that is only masked,
+exported as its masked weight because a delta's head is stored as floats).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from training.methods import Method, TaskInfo
+from training.model import DeltaLinear, DeltaModel
+
+ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+
+
+@dataclass
+class MaskConfig:
+    first_layer: int = 2
+    roles: tuple[str, ...] = ROLES
+    pooler: bool = True
+    initial_sparsity: float = 0.05
+    score_scale: float = 0.02
+    mask_classifier: bool = False
+
+
+def add_scores(module: DeltaLinear, config: MaskConfig, generator: torch.Generator | None = None) -> None:
+    scores = torch.rand(module.shape, generator=generator) * config.score_scale
+    module.scores = nn.Parameter(scores.to(module.weight.dtype))
+    module.tau = config.initial_sparsity * config.score_scale
+
+
+class Mask(Method):
+    name = "mask"
+    default_lr = 1e-4
+    default_head_lr = 1e-3  # the classifier starts random; scores move on the score scale
+
+    def __init__(self, config: MaskConfig) -> None:
+        self.config = config
+
+    def modules(self, model: DeltaModel) -> list[str]:
+        names = [model.layer_module(layer, role)
+                 for layer in range(self.config.first_layer, model.backbone.num_layers) for role in self.config.roles]
+        if self.config.pooler and "pooler.dense" in model.backbone.linear_modules:
+            names.append("pooler.dense")
+        return names
+
+    def setup(self, model: DeltaModel, task: TaskInfo) -> None:
+        for name in self.modules(model):
+            add_scores(model.wrap(name), self.config)
+        if self.config.mask_classifier:
+            model.classifier.weight.requires_grad_(False)
+            model.classifier.bias.requires_grad_(False)
+            add_scores(model.classifier, self.config)
+
+    def describe(self) -> dict[str, object]:
+        return asdict(self.config)
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--mask-first-layer", type=int, default=MaskConfig.first_layer)
+    group.add_argument("--mask-initial-sparsity", type=float, default=MaskConfig.initial_sparsity)
+    group.add_argument("--mask-score-scale", type=float, default=MaskConfig.score_scale)
+    group.add_argument("--mask-no-pooler", action="store_true", help="leave the pooler unmasked")
+    group.add_argument("--mask-classifier", action="store_true",
+                       help="paper variant: random classifier, only masked")
+
+
+def make(args: argparse.Namespace) -> Mask:
+    return Mask(MaskConfig(first_layer=args.mask_first_layer, pooler=not args.mask_no_pooler,
+                           initial_sparsity=args.mask_initial_sparsity, score_scale=args.mask_score_scale,
+                           mask_classifier=args.mask_classifier))

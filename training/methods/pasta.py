@@ -1,0 +1,43 @@
+"""PASTA (Yang et al. 2022): one trainable vector per layer per special-token slot.
+
+Before each layer, `vectors[l, p]` is added to the hidden state of the p-th special token
+(2 slots for single texts: [CLS], [SEP]; 3 for pairs). Only the vectors and the classifier
+train. Vectors start at zero, so training starts from the pretrained function.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+from training.methods import Method, TaskInfo
+from training.model import DeltaModel
+
+
+@dataclass
+class PastaConfig:
+    slots: int | None = None  # None: 2 for single texts, 3 for pairs
+
+
+class Pasta(Method):
+    name = "pasta"
+    default_lr = 3e-3
+
+    def __init__(self, config: PastaConfig) -> None:
+        self.config = config
+        self.slots = 0
+
+    def setup(self, model: DeltaModel, task: TaskInfo) -> None:
+        self.slots = self.config.slots or (3 if task.pairs else 2)
+        model.init_pasta(self.slots)
+
+    def describe(self) -> dict[str, object]:
+        return {**asdict(self.config), "slots": self.slots}
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--pasta-slots", type=int, default=None, help="default: 2 single texts, 3 pairs")
+
+
+def make(args: argparse.Namespace) -> Pasta:
+    return Pasta(PastaConfig(args.pasta_slots))

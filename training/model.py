@@ -1,0 +1,286 @@
+"""The spec's forward pass as trainable torch modules.
+
+`DeltaModel` wraps a `Backbone`'s base model in place: every `nn.Linear` a method touches
+becomes a `DeltaLinear` computing `W ⊙ K + B·A + S` (with head keep zeroing input columns of
+the attention output projection), PASTA vectors are added by forward pre-hooks on the layers,
+and the task head follows task-delta.md. Training therefore optimises exactly the function
+the engine serves, and `export()` / `load_delta()` convert to and from a `TaskDelta`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adapters_store.format import (
+    DeltaMeta,
+    HeadKeep,
+    KeepMask,
+    LowRank,
+    PastaVectors,
+    SparseUpdate,
+    TaskDelta,
+    TaskHead,
+)
+from adapters_store.packing import pack_bits, unpack_bits
+from server.backbone import Backbone
+
+
+class BinaryStep(torch.autograd.Function):
+    """`scores >= tau` forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, tau: float) -> torch.Tensor:  # type: ignore[override]
+        return (scores >= tau).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class DeltaLinear(nn.Module):
+    """An `nn.Linear` whose effective weight is `W ⊙ K + (s·B)·A + scatter(Ω, s·S)`.
+
+    `K` is either a fixed boolean mask or learned as `scores >= tau`. Scales are kept apart
+    during training and folded into B and S on export, computed in the same order here so
+    the served weight is bit-for-bit the trained one.
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.keep: torch.Tensor | None = None
+        self.scores: nn.Parameter | None = None
+        self.tau = 0.0
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.lora_scale = 1.0
+        self.sparse_index: torch.Tensor | None = None
+        self.sparse_value: nn.Parameter | None = None
+        self.sparse_scale = 1.0
+        self.input_keep: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def keep_mask(self) -> torch.Tensor | None:
+        """The binary `K` (bool), learned or fixed; None when the module is not masked."""
+        if self.scores is not None:
+            return (self.scores >= self.tau).detach()
+        return self.keep
+
+    def folded_lora_B(self) -> torch.Tensor:
+        assert self.lora_B is not None
+        return self.lora_B * self.lora_scale
+
+    def folded_sparse_value(self) -> torch.Tensor:
+        assert self.sparse_value is not None
+        return self.sparse_value * self.sparse_scale
+
+    def effective_weight(self) -> torch.Tensor:
+        weight = self.weight
+        if self.scores is not None:
+            weight = weight * BinaryStep.apply(self.scores, self.tau)
+        elif self.keep is not None:
+            weight = weight * self.keep.to(weight.dtype)
+        if self.lora_A is not None:
+            weight = weight + self.folded_lora_B() @ self.lora_A
+        if self.sparse_value is not None:
+            assert self.sparse_index is not None
+            flat = weight.reshape(-1).index_add(0, self.sparse_index, self.folded_sparse_value())
+            weight = flat.view(self.out_features, self.in_features)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_keep is not None:
+            x = x * self.input_keep.to(x.dtype)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+class DeltaModel(nn.Module):
+    """Backbone + one task's delta parts + task head, computing task-delta.md's forward."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        task_type: str,
+        num_labels: int,
+        *,
+        head_pooler: bool = False,
+        word_piece: str = "first",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = backbone.model
+        self.task_type = task_type
+        self.word_piece = word_piece
+        d = backbone.hidden_size
+        classifier = nn.Linear(d, num_labels)
+        nn.init.normal_(classifier.weight, std=0.02)
+        nn.init.zeros_(classifier.bias)
+        self.classifier = DeltaLinear(classifier)
+        self.pooler: nn.Linear | None = None
+        if head_pooler:
+            if task_type != "sequence-classification":
+                raise ValueError("a task pooler is only for sequence classification")
+            self.pooler = nn.Linear(d, d)
+            if backbone.has_pooler:  # start from the pretrained pooler: it already fits [CLS]
+                with torch.no_grad():
+                    self.pooler.load_state_dict(self.encoder.get_submodule("pooler.dense").state_dict())
+        self.deltas: dict[str, DeltaLinear] = {}
+        self.pasta: nn.Parameter | None = None
+        self.head_keep: dict[int, torch.Tensor] = {}
+        self._slots: torch.Tensor | None = None
+        for index, layer in enumerate(backbone.layers):
+            layer.register_forward_pre_hook(self._pasta_hook(index), with_kwargs=True)
+
+    # ------------------------------------------------------------------ structure
+
+    def wrap(self, name: str) -> DeltaLinear:
+        """Replace the backbone linear `name` by a `DeltaLinear` (once) and return it."""
+        if name in self.deltas:
+            return self.deltas[name]
+        if name not in self.backbone.linear_modules:
+            raise KeyError(f"the backbone has no linear module {name!r}")
+        parent_name, _, child = name.rpartition(".")
+        parent = self.encoder.get_submodule(parent_name) if parent_name else self.encoder
+        wrapped = DeltaLinear(getattr(parent, child))
+        setattr(parent, child, wrapped)
+        self.deltas[name] = wrapped
+        return wrapped
+
+    def layer_module(self, layer: int, role: str) -> str:
+        """Full name of a layer's module by layout role (`query`, `ffn_in`, `attention_output`...)."""
+        layout = self.backbone.layout
+        return f"{layout.layers}.{layer}.{getattr(layout, role)}"
+
+    def set_head_keep(self, layer: int, keep: torch.Tensor) -> None:
+        keep = keep.to(torch.uint8)
+        self.head_keep[layer] = keep
+        columns = keep.repeat_interleave(self.backbone.head_dim).to(torch.float32)
+        self.wrap(self.layer_module(layer, "attention_output")).input_keep = columns
+
+    def init_pasta(self, slots: int) -> nn.Parameter:
+        self.pasta = nn.Parameter(torch.zeros(self.backbone.num_layers, slots, self.backbone.hidden_size))
+        return self.pasta
+
+    def _pasta_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.pasta is None or self._slots is None:
+                return None
+            if args:
+                hidden = args[0]
+            else:
+                key = "hidden_states" if "hidden_states" in kwargs else "x"
+                hidden = kwargs[key]
+            slots = self.pasta.shape[1]
+            onehot = (self._slots.unsqueeze(-1) == torch.arange(slots, device=hidden.device)).to(hidden.dtype)
+            hidden = hidden + onehot @ self.pasta[layer].to(hidden.dtype)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs[key] = hidden
+            return args, kwargs
+
+        return hook
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits: [N, C] for sequence classification, [N, L, C] for token classification."""
+        self._slots = self.backbone.special_slots(input_ids) if self.pasta is not None else None
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and self.backbone.uses_token_types:
+            kwargs["token_type_ids"] = token_type_ids
+        try:
+            out = self.encoder(**kwargs)
+        finally:
+            self._slots = None
+        hidden = out.last_hidden_state
+        if self.task_type == "token-classification":
+            return self.classifier(hidden)
+        first = hidden[:, 0]
+        if self.pooler is not None:
+            z = torch.tanh(self.pooler(first))
+        elif self.backbone.has_pooler:
+            z = self.encoder.pooler(hidden)
+        else:
+            z = first
+        return self.classifier(z)
+
+    # ------------------------------------------------------------------ delta file
+
+    def export(self, meta: DeltaMeta) -> TaskDelta:
+        """The trained parts as a `TaskDelta`, scales folded in."""
+        keep: dict[str, KeepMask] = {}
+        low_rank: dict[str, LowRank] = {}
+        sparse: dict[str, SparseUpdate] = {}
+        with torch.no_grad():
+            for name, module in sorted(self.deltas.items()):
+                mask = module.keep_mask()
+                if mask is not None:
+                    keep[name] = KeepMask(name, module.shape, pack_bits(mask))
+                if module.lora_A is not None:
+                    low_rank[name] = LowRank(name, module.lora_A.detach().clone(),
+                                             module.folded_lora_B().detach().clone())
+                if module.sparse_value is not None and module.sparse_index is not None:
+                    sparse[name] = SparseUpdate(name, module.shape, module.sparse_index.clone(),
+                                                module.folded_sparse_value().detach().clone())
+            head = TaskHead(
+                self.classifier.effective_weight().detach().clone(),
+                self.classifier.bias.detach().clone(),
+                self.pooler.weight.detach().clone() if self.pooler is not None else None,
+                self.pooler.bias.detach().clone() if self.pooler is not None else None,
+            )
+            head_keep = {layer: HeadKeep(layer, keep_.clone()) for layer, keep_ in sorted(self.head_keep.items())}
+            pasta = PastaVectors(self.pasta.detach().clone()) if self.pasta is not None else None
+        return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
+
+    def load_delta(self, delta: TaskDelta) -> None:
+        """Install a parsed delta's parts (frozen) so this model computes what it specifies."""
+        with torch.no_grad():
+            for name, part in delta.keep.items():
+                self.wrap(name).keep = unpack_bits(part.packed, part.shape)
+            for name, part in delta.low_rank.items():
+                module = self.wrap(name)
+                module.lora_A = nn.Parameter(part.A.float().clone(), requires_grad=False)
+                module.lora_B = nn.Parameter(part.B.float().clone(), requires_grad=False)
+                module.lora_scale = 1.0
+            for name, part in delta.sparse.items():
+                module = self.wrap(name)
+                module.sparse_index = part.index.clone()
+                module.sparse_value = nn.Parameter(part.value.float().clone(), requires_grad=False)
+                module.sparse_scale = 1.0
+            for layer, part in delta.head_keep.items():
+                self.set_head_keep(layer, part.keep)
+            if delta.pasta is not None:
+                self.pasta = nn.Parameter(delta.pasta.vectors.float().clone(), requires_grad=False)
+            head = delta.head
+            num_labels, d = head.classifier_weight.shape
+            self.classifier = DeltaLinear(nn.Linear(d, num_labels))
+            self.classifier.weight.copy_(head.classifier_weight.float())
+            self.classifier.bias.copy_(head.classifier_bias.float())
+            if head.pooler_weight is not None and head.pooler_bias is not None:
+                self.pooler = nn.Linear(d, d)
+                self.pooler.weight.copy_(head.pooler_weight.float())
+                self.pooler.bias.copy_(head.pooler_bias.float())
+        self.word_piece = delta.meta.word_piece
+        self.requires_grad_(False)
+
+
+def model_from_delta(backbone: Backbone, delta: TaskDelta) -> DeltaModel:
+    """A frozen `DeltaModel` computing exactly what `delta` specifies on `backbone`."""
+    model = DeltaModel(backbone, delta.meta.task_type, len(delta.meta.labels), word_piece=delta.meta.word_piece)
+    model.load_delta(delta)
+    return model.eval()
