@@ -1,0 +1,95 @@
+"""Helpers of the HTTP tests: a served app on a tiny backbone, and the engine's own answer to compare with."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from server.app import Server, create_app
+from server.backbone import Backbone
+from server.delta import prepare_delta
+from server.engine import Engine, Row
+from server.postprocess import predict_row
+from server.settings import Settings
+
+ADMIN = {"Authorization": "Bearer s3cret"}
+
+
+def settings(store: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"store": store, "demo": False, "batch_wait_ms": 5.0, "admin_token": "s3cret"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.contextmanager
+def served(backbone: Backbone, store: Path, **overrides: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(settings(store, **overrides), backbone=backbone)) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def served_async(backbone: Backbone, store: Path, **overrides: Any) -> AsyncIterator[
+        tuple[httpx.AsyncClient, FastAPI]]:
+    """An app with its lifespan running, and an async client on it: real concurrency on one loop."""
+    app = create_app(settings(store, **overrides), backbone=backbone)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://deltaserve") as client:
+            yield client, app
+
+
+def server_of(app: FastAPI) -> Server:
+    return app.state.server
+
+
+def engine_answer(backbone: Backbone, data: bytes, inputs: Sequence[str | tuple[str, str]],
+                  max_length: int = 128) -> list[dict[str, Any]]:
+    """What the engine itself answers for `inputs`, one forward per input, post-processed."""
+    delta = prepare_delta(data, backbone, "reference", 1)
+    engine = Engine(backbone)
+    limit = delta.meta.max_length or max_length
+    answers = []
+    for source in inputs:
+        text = backbone.encode([source], limit)[0]
+        logits = engine.forward([Row(delta, text)])[0]
+        answers.append(predict_row(logits.numpy(), delta.meta, text, source))
+    return answers
+
+
+def assert_close(actual: Any, expected: Any, tol: float = 2e-4, where: str = "") -> None:
+    """Same structure, same strings, floats within `tol`."""
+    if isinstance(expected, float):
+        assert isinstance(actual, int | float) and math.isclose(actual, expected, abs_tol=tol), \
+            f"{where}: {actual} != {expected}"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: {actual} != {expected}"
+        for key in expected:
+            assert_close(actual[key], expected[key], tol, f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list) and len(actual) == len(expected), f"{where}: {actual} != {expected}"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, tol, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def matches(actual: Any, expected: Any, tol: float = 2e-4) -> bool:
+    try:
+        assert_close(actual, expected, tol)
+    except AssertionError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
