@@ -1,0 +1,271 @@
+"""`deltaserve train` on tiny backbones: each method learns, and what it exports is what it trained.
+
+The exported delta is re-loaded two ways — by the trainer's own `DeltaModel` and by the
+serving engine — and both must reproduce the trainer's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_store.format import parse_delta
+from server.backbone import Backbone
+from tests.conftest import make_tiny_backbone, make_tiny_model
+from training.cli import main
+from training.data import Example, batches, collate, encode
+from training.methods import TaskInfo, make_method
+from training.model import DeltaModel, model_from_delta
+from training.trainer import TrainSettings, build_model, loss_fn, optimizer_for
+
+SENTENCES = [
+    ("a gripping , funny and deeply humane film", "1"),
+    ("dull and lifeless", "0"),
+    ("the best movie of the year", "1"),
+    ("an [UNK] mess from start to finish", "0"),
+    ("warm , witty and wise", "1"),
+    ("it is not worth your time", "0"),
+]
+PAIRS = [
+    ("The cat sat on the mat.", "A cat was sitting on a mat.", "1"),
+    ("Paris is in France.", "Berlin is big.", "0"),
+    ("He bought a car.", "He purchased a car.", "1"),
+]
+NER = [
+    (("John", "Smith", "flew", "to", "New", "York"), ("B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC")),
+    (("EU", "rejects", "German", "call"), ("B-ORG", "O", "B-MISC", "O")),
+]
+METHODS = ("mask", "pasta", "dsee", "lora", "finetune")
+
+
+def method_args(**overrides) -> argparse.Namespace:
+    """The CLI's defaults for every method option."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    from training.cli import add_parsers
+
+    add_parsers(sub)
+    args = parser.parse_args(["train", "--method", "lora", "--train", "x", "--eval", "x",
+                              "--task-type", "sequence-classification"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def examples(task_type: str, pairs: bool = False) -> tuple[list[Example], list[str]]:
+    if task_type == "token-classification":
+        exs = [Example(words, None, tags) for words, tags in NER]
+        return exs, sorted({t for _, tags in NER for t in tags})
+    if pairs:
+        return [Example(a, b, y) for a, b, y in PAIRS], ["0", "1"]
+    return [Example(t, None, y) for t, y in SENTENCES], ["0", "1"]
+
+
+def setup(backbone: Backbone, method: str, task_type: str = "sequence-classification", pairs: bool = False,
+          head_pooler: bool = False, **overrides):
+    exs, labels = examples(task_type, pairs)
+    settings = TrainSettings(method=method, task_type=task_type, train="", eval="", head_pooler=head_pooler)
+    m = make_method(method, method_args(**overrides))
+    model = build_model(settings, m, backbone, labels, pairs)
+    batch = collate(encode(exs, backbone, labels, task_type, 64), backbone.pad_id)
+    return settings, m, model, batch
+
+
+def logits_of(model: DeltaModel, batch: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_lowers_the_loss(tokenizer, method):
+    backbone = make_tiny_backbone(tokenizer)
+    settings, m, model, batch = setup(backbone, method)
+    optimizer = optimizer_for(model, m, settings)
+    before = loss_fn(logits_of(model, batch), batch["labels"])
+    model.train()
+    loss = loss_fn(model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")), batch["labels"])
+    loss.backward()
+    body = [p for p in model.trainable_parameters() if all(p is not q for q in model.classifier.parameters())]
+    assert body and any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in body), "method params get no grad"
+    optimizer.step()
+    after = loss_fn(logits_of(model, batch), batch["labels"])
+    assert after < before
+
+
+def test_trainable_parameters_are_only_the_methods(tokenizer):
+    backbone = make_tiny_backbone(tokenizer)
+    d, layers = backbone.hidden_size, backbone.num_layers
+    _, _, model, _ = setup(backbone, "pasta")
+    assert sum(p.numel() for p in model.trainable_parameters()) == layers * 2 * d + 2 * d + 2
+    _, _, model, _ = setup(make_tiny_backbone(tokenizer), "lora")
+    assert sum(p.numel() for p in model.trainable_parameters()) == layers * 2 * (8 * d + d * 8) + 2 * d + 2
+
+
+def perturb(model: DeltaModel, method: str, seed: int = 0) -> None:
+    """Make every trained part non-trivial, as after real training."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            if method == "mask" and p.dim() == 2 and p.shape != model.classifier.weight.shape:
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.02)  # ~half the weights masked
+            elif method != "finetune":
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+CASES = [
+    ("mask", "sequence-classification", False, {}),
+    ("mask", "sequence-classification", False, {"mask_classifier": True}),
+    ("pasta", "sequence-classification", True, {}),
+    ("pasta", "token-classification", False, {}),
+    ("dsee", "sequence-classification", False, {"dsee_prune": "unstructured"}),
+    ("dsee", "sequence-classification", True, {"dsee_prune": "structured", "dsee_heads": 2}),
+    ("lora", "sequence-classification", False, {"head_pooler": True}),
+    ("lora", "token-classification", False, {}),
+]
+
+
+def _exported(tokenizer, method, task_type, pairs, overrides):
+    overrides = dict(overrides)
+    head_pooler = overrides.pop("head_pooler", False)
+    backbone = make_tiny_backbone(tokenizer)
+    _, m, model, batch = setup(backbone, method, task_type, pairs, head_pooler, **overrides)
+    perturb(model, method)
+    if method == "dsee":
+        m.total_epochs(1)
+        assert m.on_epoch_end(model, 1)
+    from adapters_store.format import DeltaMeta
+
+    meta = DeltaMeta(method=method, task_type=task_type, labels=tuple(examples(task_type, pairs)[1]),
+                     backbone_fingerprint=backbone.fingerprint, max_length=64)
+    data = model.export(meta).to_bytes()
+    return backbone, model, batch, data
+
+
+@pytest.mark.parametrize(("method", "task_type", "pairs", "overrides"), CASES)
+def test_exported_delta_reloads_to_the_same_logits(tokenizer, method, task_type, pairs, overrides):
+    _backbone, model, batch, data = _exported(tokenizer, method, task_type, pairs, overrides)
+    expected = logits_of(model, batch)
+    fresh = make_tiny_backbone(tokenizer)
+    delta = parse_delta(data, fresh.spec())
+    assert delta.meta.method == method and delta.meta.max_length == 64
+    reloaded = model_from_delta(fresh, delta)
+    assert torch.allclose(logits_of(reloaded, batch), expected, atol=1e-5, rtol=0)
+
+
+def _texts(task_type: str, pairs: bool) -> list:
+    if task_type == "token-classification":
+        return [" ".join(words) for words, _ in NER]
+    if pairs:
+        return [(a, b) for a, b, _ in PAIRS]
+    return [t for t, _ in SENTENCES]
+
+
+@pytest.mark.parametrize(("method", "task_type", "pairs", "overrides"), CASES)
+def test_engine_serves_exactly_what_was_trained(tokenizer, method, task_type, pairs, overrides):
+    from server.delta import prepare_delta
+    from server.engine import Engine, Row
+
+    _trainer_backbone, model, _, data = _exported(tokenizer, method, task_type, pairs, overrides)
+    served = make_tiny_backbone(tokenizer)  # the engine patches its backbone in place
+    engine = Engine(served)
+    prepared = prepare_delta(data, served, name="t", version=1)
+    encoded = served.encode(_texts(task_type, pairs), 64)
+    outs = engine.forward([Row(delta=prepared, text=e) for e in encoded])
+    for text, out in zip(encoded, outs, strict=True):
+        ids = torch.tensor([text.input_ids])
+        types = torch.tensor([text.token_type_ids]) if text.token_type_ids is not None else None
+        expected = logits_of(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                     "token_type_ids": types})[0]
+        assert out.shape == expected.shape
+        assert torch.allclose(out, expected, atol=1e-5, rtol=0), (out - expected).abs().max()
+
+
+def test_padding_does_not_change_logits(tokenizer):
+    backbone = make_tiny_backbone(tokenizer)
+    _, _, model, batch = setup(backbone, "pasta")
+    perturb(model, "pasta")
+    together = logits_of(model, batch)
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        single = {k: v[row:row + 1, :n] for k, v in batch.items() if k != "labels"}
+        assert torch.allclose(logits_of(model, single)[0], together[row], atol=1e-5)
+
+
+def test_batches_bucket_by_length_and_cover_everything(tokenizer):
+    backbone = make_tiny_backbone(tokenizer)
+    exs, labels = examples("sequence-classification")
+    data = encode(exs * 20, backbone, labels, "sequence-classification", 64)
+    seen = []
+    for group, batch in batches(data, 8, backbone.pad_id, shuffle=True, rng=random.Random(0)):
+        seen.extend(group)
+        assert batch["input_ids"].shape[1] == max(len(data[i].input_ids) for i in group)
+    assert sorted(seen) == list(range(len(data)))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    make_tiny_model("bert").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _write_sst(folder: Path) -> Path:
+    path = folder / "sst.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in SENTENCES * 3))
+    return path
+
+
+def test_train_command_writes_a_valid_delta_and_report(tmp_path, tiny_folder):
+    data = _write_sst(tmp_path)
+    out, report = tmp_path / "d.safetensors", tmp_path / "r.json"
+    rc = main(["train", "--method", "pasta", "--train", str(data), "--eval", str(data), "--task-type",
+               "sequence-classification", "--backbone", str(tiny_folder), "--epochs", "2", "--batch-size", "4",
+               "--out", str(out), "--report", str(report), "--quiet"])
+    assert rc == 0
+    backbone = Backbone.load(tiny_folder, device="cpu")
+    delta = parse_delta(out.read_bytes(), backbone.spec())
+    assert delta.meta.labels == ("0", "1") and delta.pasta is not None
+    rep = json.loads(report.read_text())
+    for key in ("eval_accuracy", "eval_f1", "eval_mcc", "trainable_params", "delta_bytes", "train_seconds",
+                "epochs", "method", "settings"):
+        assert key in rep
+    assert rep["delta_bytes"] == out.stat().st_size and len(rep["history"]) == 2
+
+
+def test_train_command_on_conll(tmp_path, tiny_folder):
+    conll = tmp_path / "ner.txt"
+    conll.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join(
+        "\n".join(f"{w} NN {t}" for w, t in zip(words, tags, strict=True)) for words, tags in NER * 3) + "\n")
+    report = tmp_path / "r.json"
+    rc = main(["train", "--method", "lora", "--train", str(conll), "--eval", str(conll), "--task-type",
+               "token-classification", "--backbone", str(tiny_folder), "--epochs", "1", "--report", str(report),
+               "--out", str(tmp_path / "ner.safetensors"), "--quiet"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    assert rep["labels"] == ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-PER", "O"]
+    assert 0.0 <= rep["eval_f1"] <= 1.0 and rep["train_examples"] == 6
+
+
+def test_finetune_refuses_out(tmp_path, tiny_folder, capsys):
+    data = _write_sst(tmp_path)
+    rc = main(["train", "--method", "finetune", "--train", str(data), "--eval", str(data), "--task-type",
+               "sequence-classification", "--backbone", str(tiny_folder), "--out", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "no task delta can hold" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_task_info_slots(tokenizer):
+    backbone = make_tiny_backbone(tokenizer)
+    model = DeltaModel(backbone, "sequence-classification", 2)
+    make_method("pasta", method_args()).setup(model, TaskInfo("sequence-classification", 2, pairs=True))
+    assert model.pasta is not None and model.pasta.shape == (backbone.num_layers, 3, backbone.hidden_size)
