@@ -52,16 +52,12 @@ def server_of(app: FastAPI) -> Server:
 
 def engine_answer(backbone: Backbone, data: bytes, inputs: Sequence[str | tuple[str, str]],
                   max_length: int = 128) -> list[dict[str, Any]]:
-    """What the engine itself answers for `inputs`, one forward per input, post-processed."""
+    """What the engine itself answers for `inputs` (one forward of this task alone), post-processed."""
     delta = prepare_delta(data, backbone, "reference", 1)
-    engine = Engine(backbone)
-    limit = delta.meta.max_length or max_length
-    answers = []
-    for source in inputs:
-        text = backbone.encode([source], limit)[0]
-        logits = engine.forward([Row(delta, text)])[0]
-        answers.append(predict_row(logits.numpy(), delta.meta, text, source))
-    return answers
+    texts = backbone.encode(inputs, delta.meta.max_length or max_length)
+    logits = Engine(backbone).forward([Row(delta, text) for text in texts])
+    return [predict_row(out.numpy(), delta.meta, text, source)
+            for out, text, source in zip(logits, texts, inputs, strict=True)]
 
 
 def assert_close(actual: Any, expected: Any, tol: float = 2e-4, where: str = "") -> None:
