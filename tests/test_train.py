@@ -269,3 +269,20 @@ def test_task_info_slots(tokenizer):
     model = DeltaModel(backbone, "sequence-classification", 2)
     make_method("pasta", method_args()).setup(model, TaskInfo("sequence-classification", 2, pairs=True))
     assert model.pasta is not None and model.pasta.shape == (backbone.num_layers, 3, backbone.hidden_size)
+
+
+def test_push_puts_the_delta_with_a_bearer_token(monkeypatch):
+    import httpx
+
+    from training.cli import push
+
+    seen = {}
+
+    def fake_put(url, content, headers, timeout):
+        seen.update(url=url, content=content, headers=headers)
+        return httpx.Response(201, request=httpx.Request("PUT", url))
+
+    monkeypatch.setattr(httpx, "put", fake_put)
+    push("http://server:8000/", "sst2", b"delta", token="s3cret")
+    assert seen["url"] == "http://server:8000/tasks/sst2" and seen["content"] == b"delta"
+    assert seen["headers"] == {"Content-Type": "application/octet-stream", "Authorization": "Bearer s3cret"}

@@ -1,0 +1,43 @@
+"""Render training reports (`--report` JSON files) as the Markdown table of RESULTS.md.
+
+    python -m training.results runs/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ORDER = ("finetune", "mask", "pasta", "dsee", "lora")
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def table(reports: Sequence[dict]) -> str:
+    lines = ["| task | method | accuracy | F1 | MCC | trainable params | delta bytes | train s | epochs (best) "
+             "| train examples |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rep in sorted(reports, key=lambda r: (r["task"], ORDER.index(r["method"]))):
+        size = f"{rep['delta_bytes']:,}" if rep.get("delta_bytes") else "– (no delta)"
+        cells = [rep["task"], rep["method"], _pct(rep.get("eval_accuracy")), _pct(rep.get("eval_f1")),
+                 _pct(rep.get("eval_mcc")), f"{rep['trainable_params']:,}", size, f"{rep['train_seconds']:.0f}",
+                 f"{rep['epochs']} ({rep['best_epoch']})", f"{rep['train_examples']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(paths: Sequence[str]) -> None:
+    reports = []
+    for path in paths:
+        rep = json.loads(Path(path).read_text())
+        rep["task"] = Path(path).stem.rsplit("-", 1)[0]
+        reports.append(rep)
+    print(table(reports))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
