@@ -1,0 +1,1 @@
+"""deltaserve benchmarks: every figure a ratio against a baseline measured in the same run."""
