@@ -86,7 +86,8 @@ def sentences(count: int, seed: int = 0) -> list[str]:
         with path.open(newline="") as handle:
             rows = [r["sentence"] for r in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
         return [rng.choice(rows) for _ in range(count)]
-    words = ["the", "film", "is", "a", "quietly", "moving", "and", "often", "funny", "story", "of", "love", "loss", "and", "small", "town", "life"]
+    words = ["the", "film", "is", "a", "quietly", "moving", "and", "often", "funny", "story", "of", "love",
+             "loss", "and", "small", "town", "life"]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for _ in range(count)]
 
 
