@@ -8,9 +8,11 @@ on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -21,6 +23,7 @@ from safetensors import safe_open
 
 from adapters_store.format import InvalidDelta, parse_delta, read_metadata
 from server.settings import Settings
+from training.cli import add_parsers
 
 # Part names as `TaskDelta.bytes_by_part` gives them, for a file read without its backbone.
 _SUFFIX_PARTS = {"keep": "KeepMask", "lora_A": "LowRank", "lora_B": "LowRank",
@@ -60,10 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=os.environ.get("DELTASERVE_ADMIN_TOKEN"), help="admin token, if any")
     push.set_defaults(func=run_push)
 
-    try:
-        from training.cli import add_parsers
-    except ImportError:  # the trainer's commands land separately; serving works without them
-        return parser
     add_parsers(commands)
     return parser
 
@@ -102,10 +101,17 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn's SIGTERM handling stops accepting, lets accepted requests finish, then runs the
-    # app's shutdown, where the batcher drains.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=60)
+    # app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the handler
+    # it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=60)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 # --------------------------------------------------------------------------- inspect
