@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -99,15 +98,9 @@ class Server:
 
 
 def demo_dir(settings: Settings) -> Path | None:
-    """The demo deltas: `--demo-dir`, else the repo's demo/ (editable install), else the installed copy."""
-    candidates = [settings.demo_dir] if settings.demo_dir else [
-        Path(__file__).resolve().parents[1] / "demo",
-        Path(sys.prefix) / "share" / "deltaserve" / "demo",
-    ]
-    for folder in candidates:
-        if folder is not None and any(folder.glob("*.safetensors")):
-            return folder
-    return None
+    """The demo deltas: `--demo-dir`, else the repository's demo/ (found from an editable install)."""
+    folder = settings.demo_dir or Path(__file__).resolve().parents[1] / "demo"
+    return folder if any(folder.glob("*.safetensors")) else None
 
 
 def seed_demo(store: DeltaStore, settings: Settings) -> list[str]:
