@@ -196,18 +196,17 @@ class Engine:
                 self._pasta = None
         sorted_outputs: list[torch.Tensor] = []
         for start, end, delta in batch.segments:
+            # One device-to-host copy per segment, not per row.
             if delta.meta.task_type == "token-classification":
-                logits = delta.head.classify_tokens(hidden[start:end])
-                sorted_outputs.extend(
-                    logits[i, : batch.lengths[start + i]] for i in range(end - start)
-                )
+                logits = delta.head.classify_tokens(hidden[start:end]).float().cpu()
+                sorted_outputs.extend(logits[i, : batch.lengths[start + i]] for i in range(end - start))
             else:
                 seg_pooled = pooled[start:end] if pooled is not None else None
-                logits = delta.head.classify_sequences(hidden[start:end], seg_pooled)
+                logits = delta.head.classify_sequences(hidden[start:end], seg_pooled).float().cpu()
                 sorted_outputs.extend(logits.unbind(0))
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         for sorted_index, original in enumerate(batch.order):
-            outputs[original] = sorted_outputs[sorted_index].float().cpu()
+            outputs[original] = sorted_outputs[sorted_index]
         return outputs
 
     @torch.inference_mode()
