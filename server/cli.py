@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     serve.add_argument("--log-level", default=os.environ.get("DELTASERVE_LOG_LEVEL", "info"),
                        choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every HTTP request (off by default: /metrics counts them, at less cost)")
     serve.set_defaults(func=run_serve)
 
     inspect = commands.add_parser("inspect", help="show a delta file's metadata, parts and bytes")
@@ -106,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=60)
+                    access_log=args.access_log, timeout_graceful_shutdown=60)
     return 0
 
 
