@@ -30,6 +30,27 @@ def table(reports: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def command(rep: dict) -> str:
+    """The `deltaserve train` command line that produced a report (flags that differ from defaults)."""
+    s = rep["settings"]
+    parts = ["deltaserve train", f"--method {s['method']}", f"--train {s['train']}", f"--eval {s['eval']}",
+             f"--task-type {s['task_type']}"]
+    for flag, key in (("--text-column", "text_column"), ("--text-pair-column", "text_pair_column"),
+                      ("--label-column", "label_column")):
+        if s.get(key) is not None:
+            parts.append(f"{flag} '{s[key]}'")
+    for flag, key in (("--max-train-examples", "max_train_examples"), ("--max-length", "max_length"),
+                      ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
+                      ("--head-lr", "head_lr"), ("--seed", "seed"), ("--threads", "threads"), ("--out", "out")):
+        if s.get(key) is not None:
+            parts.append(f"{flag} {s[key]}")
+    if s.get("head_pooler"):
+        parts.append("--head-pooler")
+    if s.get("report"):
+        parts.append(f"--report {s['report']}")
+    return " ".join(parts)
+
+
 def main(paths: Sequence[str]) -> None:
     reports = []
     for path in paths:
@@ -37,6 +58,9 @@ def main(paths: Sequence[str]) -> None:
         rep["task"] = Path(path).stem.rsplit("-", 1)[0]
         reports.append(rep)
     print(table(reports))
+    print()
+    for rep in sorted(reports, key=lambda r: (r["task"], ORDER.index(r["method"]))):
+        print(f"- {rep['task']} {rep['method']}: `{command(rep)}`")
 
 
 if __name__ == "__main__":
