@@ -96,3 +96,22 @@ def texts_of_length(backbone: Backbone, count: int, tokens: int, seed: int = 0) 
     pool = sentences(count * 8, seed)
     joined = [" ".join(pool[i * 8 : (i + 1) * 8]) for i in range(count)]
     return backbone.encode(joined, max_length=tokens)
+
+
+def texts_of_exact_length(backbone: Backbone, count: int, tokens: int, seed: int = 0) -> list[EncodedText]:
+    """`count` inputs of exactly `tokens` tokens: enough real sentences joined, then truncated.
+
+    `texts_of_length` joins 8 sentences, which falls short of 128 tokens for SST-2's short
+    phrases; this joins as many as it takes, so every row of a "long" batch is really long.
+    """
+    pool = sentences(count * 64, seed)
+    joined = []
+    for i in range(count):
+        parts = pool[i * 64 : (i + 1) * 64]
+        text = ""
+        for part in parts:
+            text = f"{text} {part}".strip()
+            if len(text.split()) >= tokens:
+                break
+        joined.append(text)
+    return backbone.encode(joined, max_length=tokens)

@@ -1,0 +1,248 @@
+"""The three ways of serving many tasks that the engine is measured against, beside the dense ceiling.
+
+- `TaskCopies`   — what a memory-rich server does: one full model copy per task with that task's
+                   effective weights written in (W ⊙ K + B·A + S, pruned heads as zeroed input
+                   columns of the attention output projection, PASTA by pre-hooks); a mixed batch
+                   is split by task and each task's rows run as their own batch on their own copy.
+- `NaiveSwapper` — one shared model; for each task of the batch its delta is written into the
+                   shared weights in place, its rows run, and the original weights are copied back.
+- `PeftMixed`    — Hugging Face PEFT's mixed-adapter batch (`adapter_names=` per row) with the same
+                   LoRA deltas loaded as PEFT LoRA adapters (lora_alpha = r, so scale 1).
+
+All three take the same `PreparedDelta`s and pre-tokenised texts as the engine and return logits
+per row in the caller's order, so tests can check they agree with the engine (≤ 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from server.backbone import Backbone, EncodedText
+from server.delta import ModuleParts, PreparedDelta
+
+Task = tuple[PreparedDelta, EncodedText]
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the backbone's HF model in which every linear module is a plain `nn.Linear`.
+
+    The engine swaps `MixedLinear` modules in place on the backbone's model; a baseline must not
+    carry them (nor their scratch buffers), so they are turned back into ordinary linears.
+    """
+    clone = copy.deepcopy(model)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(clone.get_submodule(parent_name) if parent_name else clone, child, plain)
+    return clone.eval().requires_grad_(False)
+
+
+def apply_parts_(weight: torch.Tensor, parts: ModuleParts) -> None:
+    """weight ← weight ⊙ K + B·A + S, pruned heads' input columns zeroed, in place."""
+    if parts.keep is not None:
+        scratch = torch.empty_like(weight)
+        parts.keep.materialise_into(weight, scratch)
+        weight.copy_(scratch)
+    if parts.low_rank is not None:
+        parts.low_rank.add_to_weight(weight)
+    if parts.sparse is not None:
+        parts.sparse.add_to_weight(weight)
+    if parts.head_keep is not None and parts.head_keep.columns.numel():
+        weight.index_fill_(1, parts.head_keep.columns, 0.0)
+
+
+def pad(backbone: Backbone, texts: Sequence[EncodedText]) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for a right-padded batch (as the engine pads)."""
+    width = max(len(t.input_ids) for t in texts)
+    ids = torch.full((len(texts), width), backbone.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    types = torch.zeros((len(texts), width), dtype=torch.long)
+    for i, text in enumerate(texts):
+        n = len(text.input_ids)
+        ids[i, :n] = torch.tensor(text.input_ids)
+        mask[i, :n] = 1
+        if text.token_type_ids is not None:
+            types[i, :n] = torch.tensor(text.token_type_ids)
+    kwargs = {"input_ids": ids.to(backbone.device), "attention_mask": mask.to(backbone.device)}
+    if backbone.uses_token_types:
+        kwargs["token_type_ids"] = types.to(backbone.device)
+    return kwargs
+
+
+def group_by_task(rows: Sequence[Task]) -> list[tuple[PreparedDelta, list[int]]]:
+    """Row indices per task, tasks in order of first appearance."""
+    groups: dict[int, tuple[PreparedDelta, list[int]]] = {}
+    for index, (delta, _) in enumerate(rows):
+        groups.setdefault(id(delta), (delta, []))[1].append(index)
+    return list(groups.values())
+
+
+class _PastaHooks:
+    """PASTA on a plain model: before layer l, add vectors[l, slot] at each special token."""
+
+    def __init__(self, backbone: Backbone, layers: Sequence[nn.Module]) -> None:
+        self.backbone = backbone
+        self.vectors: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+        for index, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+
+    def set(self, delta: PreparedDelta | None, input_ids: torch.Tensor | None) -> None:
+        if delta is None or delta.pasta is None or input_ids is None:
+            self.vectors = self.slots = None
+            return
+        self.vectors = delta.pasta.vectors
+        self.slots = self.backbone.special_slots(input_ids)
+
+    def _hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.vectors is None or self.slots is None:
+                return None
+            hit = (self.slots >= 0) & (self.slots < self.vectors.shape[1])
+            rows, positions = hit.nonzero(as_tuple=True)
+            if args:
+                hidden = args[0].clone()
+                hidden[rows, positions] += self.vectors[layer, self.slots[rows, positions]]
+                return (hidden, *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else "x"
+            hidden = kwargs[key].clone()
+            hidden[rows, positions] += self.vectors[layer, self.slots[rows, positions]]
+            return args, {**kwargs, key: hidden}
+
+        return hook
+
+
+def _heads(backbone: Backbone, delta: PreparedDelta, out) -> torch.Tensor:
+    pooled = out.pooler_output if backbone.has_pooler else None
+    return delta.head.classify_sequences(out.last_hidden_state, pooled)
+
+
+class TaskCopies:
+    """One full model per task with its effective weights; rows grouped and run per task."""
+
+    def __init__(self, backbone: Backbone, pristine: nn.Module, deltas: Sequence[PreparedDelta]) -> None:
+        self.backbone = backbone
+        self.models: dict[int, tuple[nn.Module, _PastaHooks]] = {}
+        for delta in deltas:
+            if id(delta) in self.models:
+                continue
+            model = plain_copy(pristine)
+            with torch.no_grad():
+                for name, parts in delta.modules.items():
+                    apply_parts_(model.get_submodule(name).weight, parts)
+            hooks = _PastaHooks(backbone, list(model.get_submodule(backbone.layout.layers)))
+            self.models[id(delta)] = (model, hooks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m, _ in self.models.values())
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[Task]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for delta, indices in group_by_task(rows):
+            model, hooks = self.models[id(delta)]
+            kwargs = pad(self.backbone, [rows[i][1] for i in indices])
+            hooks.set(delta, kwargs["input_ids"])
+            logits = _heads(self.backbone, delta, model(**kwargs))
+            for i, row_logits in zip(indices, logits.unbind(0), strict=True):
+                outputs[i] = row_logits.float().cpu()
+        return outputs
+
+
+class NaiveSwapper:
+    """One shared model; per task: write its delta into the weights, run its rows, revert."""
+
+    def __init__(self, backbone: Backbone, pristine: nn.Module) -> None:
+        self.backbone = backbone
+        self.model = plain_copy(pristine)
+        self.originals = {name: self.model.get_submodule(name).weight.detach().clone()
+                          for name in backbone.linear_modules}
+        self.hooks = _PastaHooks(backbone, list(self.model.get_submodule(backbone.layout.layers)))
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[Task]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for delta, indices in group_by_task(rows):
+            weights = {name: self.model.get_submodule(name).weight for name in delta.modules}
+            for name, parts in delta.modules.items():
+                apply_parts_(weights[name], parts)
+            try:
+                kwargs = pad(self.backbone, [rows[i][1] for i in indices])
+                self.hooks.set(delta, kwargs["input_ids"])
+                logits = _heads(self.backbone, delta, self.model(**kwargs))
+            finally:
+                self.hooks.set(None, None)
+                for name, weight in weights.items():
+                    weight.copy_(self.originals[name])
+            for i, row_logits in zip(indices, logits.unbind(0), strict=True):
+                outputs[i] = row_logits.float().cpu()
+        return outputs
+
+
+class PeftMixed:
+    """PEFT's mixed-adapter batch over the same LoRA deltas (heads applied per task afterwards)."""
+
+    def __init__(self, backbone: Backbone, pristine: nn.Module, deltas: Sequence[PreparedDelta]) -> None:
+        import peft
+
+        self.backbone = backbone
+        self.names: dict[int, str] = {}
+        model: nn.Module = plain_copy(pristine)
+        for delta in deltas:
+            if id(delta) in self.names:
+                continue
+            if delta.pasta is not None or any(p.keep is not None or p.sparse is not None or p.head_keep is not None
+                                              for p in delta.modules.values()):
+                raise ValueError(f"{delta.name}: PEFT's mixed batch only takes LoRA deltas")
+            name = f"t{len(self.names)}"
+            self.names[id(delta)] = name
+            targets = sorted(delta.modules)
+            ranks = {delta.modules[m].low_rank.A.shape[0] for m in targets}  # type: ignore[union-attr]
+            if len(ranks) != 1:
+                raise ValueError(f"{delta.name}: one LoRA rank for every module is needed here")
+            rank = ranks.pop()
+            config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
+            if isinstance(model, peft.PeftModel):
+                model.add_adapter(name, config)
+            else:
+                model = peft.get_peft_model(model, config, adapter_name=name)
+            base = model.get_base_model()
+            with torch.no_grad():
+                for module in targets:
+                    low_rank = delta.modules[module].low_rank
+                    layer = base.get_submodule(module)
+                    layer.lora_A[name].weight.copy_(low_rank.A)  # type: ignore[union-attr]
+                    layer.lora_B[name].weight.copy_(low_rank.B)  # type: ignore[union-attr]
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def hidden(self, rows: Sequence[Task]):
+        kwargs = pad(self.backbone, [text for _, text in rows])
+        return self.model(**kwargs, adapter_names=[self.names[id(delta)] for delta, _ in rows])
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[Task]) -> list[torch.Tensor]:
+        out = self.hidden(rows)
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        pooled_all = out.pooler_output if self.backbone.has_pooler else None
+        for delta, indices in group_by_task(rows):
+            index = torch.tensor(indices)
+            pooled = pooled_all[index] if pooled_all is not None else None
+            logits = delta.head.classify_sequences(out.last_hidden_state[index], pooled)
+            for i, row_logits in zip(indices, logits.unbind(0), strict=True):
+                outputs[i] = row_logits.float().cpu()
+        return outputs
+
+
+def max_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference between two lists of per-row logits."""
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
