@@ -1,0 +1,111 @@
+"""`python -m bench`: every benchmark in one command; results appended to BENCHMARKS.md, plots in bench/plots/.
+
+    python -m bench            # full: ≤ 10 min on a 2-core CPU with MiniLM
+    python -m bench --quick    # ≤ 1 min: short texts, k ∈ {1, 16}, lora + mask + mix, dense/swap/PEFT
+    python -m bench --no-write # print the section, leave BENCHMARKS.md and the plots alone
+
+Sections: engine throughput against the dense ceiling, per-task model copies, naive swapping
+and PEFT's mixed batch; memory (computed and RSS-checked); cold load; HTTP end to end.
+Nothing here asserts on speed; the baselines' logits are checked against the engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench import http, memory, report
+from bench.engine import commit, machine
+from bench.suite import Workbench
+from bench.workload import METHODS, sentences
+
+PLOTS = Path(__file__).resolve().parent / "plots"
+
+
+def grid(quick: bool) -> list[tuple[int, int, str, tuple[str, ...]]]:
+    """(tokens, k, method, sides) per point, in run order."""
+    if quick:
+        return [(32, k, m, ("dense", "swap", "peft")) for m in ("lora", "mask", "mix") for k in (1, 16)]
+    baselines = ("dense", "copies", "swap", "peft")
+    points = [(32, k, m, baselines) for m in (*METHODS, "mix") for k in (1, 4, 16, 64)]
+    # Long texts cost 4× as much: every k against the dense ceiling, the baselines at k = 16 only.
+    points += [(128, k, m, baselines if k == 16 else ("dense",)) for m in (*METHODS, "mix") for k in (1, 4, 16, 64)]
+    return points
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads here and in the server (default 1: on a busy 2-core machine two "
+                             "threads wait on each other's stragglers; see BENCHMARKS.md)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: engine,memory,cold,http")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.perf_counter()
+    repeats = 1 if args.quick else 3
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    run = report.Run("quick" if args.quick else "full", machine(), now, commit(), args.threads, repeats)
+    wb = Workbench()
+    run.backbone_bytes = wb.backbone.parameter_bytes
+
+    if "engine" not in skip:
+        checked: set[tuple[str, int]] = set()
+        for tokens, k, method, sides in grid(args.quick):
+            check = (method, tokens) not in checked
+            checked.add((method, tokens))
+            point = wb.point(method, tokens, k, sides, repeats, copies_cap=16, check=check)
+            run.points.append(point)
+            print(f"{tokens:3d} tok k={k:2d} {method:5s} engine {point.seq_per_s('engine'):6.1f} seq/s  "
+                  + "  ".join(f"{s} {point.ratio(s):.2f}×" for s in point.seconds if s != "engine"), flush=True)
+        run.agreement = wb.agreement
+        run.peft_hidden = wb.peft_hidden_difference()
+
+    if "memory" not in skip:
+        resident = {m: wb.task(m, 0).nbytes for m in METHODS}
+        heads = {m: wb.task(m, 0).head.nbytes for m in METHODS}
+        run.sizes = memory.sizes({m: wb.delta_bytes(m)[0] for m in METHODS}, resident, heads)
+        if not args.quick:
+            for method in (*METHODS, "full-copy"):
+                run.rss.update(memory.rss_in_subprocess(method, 100 if method != "full-copy" else 4))
+
+    if "cold" not in skip:
+        run.cold = [wb.cold_load(m, 2 if args.quick else 9) for m in METHODS]
+        for c in run.cold:
+            print(f"cold load {c.method:5s} {c.total_ms:6.1f} ms", flush=True)
+
+    if "http" not in skip:
+        deltas = [wb.delta_bytes(METHODS[i % len(METHODS)])[i // len(METHODS)] for i in range(16)]
+        texts = [" ".join(sentences(2, seed=i)) for i in range(64)]
+        levels = {1: 4, 16: 16, 64: 64} if args.quick else {1: 24, 16: 96, 64: 192}
+        run.http = http.run(wb.backbone, wb.engine, deltas, texts, levels, args.threads)
+
+    run.notes.append("Each task is a random delta with its method's real parts, sizes and placement "
+                     "(bench/workload.py); 16 distinct deltas per method, prepared again under new names for k = 64.")
+    run.notes.append(f"Threads: {args.threads}. On this shared 2-core machine torch with 2 threads was 2–20× slower "
+                     "and far noisier than with 1 (one-row forward: 24 ms with 1 thread vs 160–530 ms with 2).")
+    run.seconds = time.perf_counter() - started
+    folder = PLOTS / "quick" if args.quick else PLOTS
+    plots = {"throughput": folder / "throughput.png", "baselines": folder / "baselines.png",
+             "memory": folder / "memory.png"}
+    if not args.no_write:
+        if run.points:
+            report.plot_throughput(plots["throughput"], run.points)
+            report.plot_baselines(plots["baselines"], run.points)
+        if run.sizes:
+            memory.plot(plots["memory"], run.backbone_bytes, run.sizes)
+    text = report.section(run, plots)
+    print(text)
+    if not args.no_write:
+        print(f"appended to {report.write(run, plots)}")
+
+
+if __name__ == "__main__":
+    main()
