@@ -204,26 +204,8 @@ class PredictResponse(BaseModel):
     predictions: list[SequencePrediction | RegressionPrediction | TokenPrediction]
 
 
-class TaskInfoModel(BaseModel):
-    name: str
-    version: int
-    sha256: str
-    delta_bytes: int
-    created_at: str
-    method: str
-    task_type: str
-    labels: list[str]
-    description: str
-    problem_type: str
-    max_length: int | None
-    word_piece: str
-    backbone_fingerprint: str
-    head_bytes: int
-    bytes_by_part: dict[str, int]
-
-
 class TaskList(BaseModel):
-    tasks: list[TaskInfoModel]
+    tasks: list[TaskInfo]  # the store's dataclass: its fields are the documented schema
 
 
 class MemoryTask(BaseModel):
@@ -328,7 +310,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     async def list_tasks(request: Request) -> Response:
         return JSONResponse({"tasks": [info.to_dict() for info in server_of(request).store.list()]})
 
-    @app.get("/tasks/{name}", response_model=TaskInfoModel, responses=ERRORS, tags=["tasks"])
+    @app.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"])
     async def get_task(request: Request, name: str = TASK_NAME) -> Response:
         check_name(name)
         info = server_of(request).store.get_info(name)
@@ -336,7 +318,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
             raise TaskNotFound(name)
         return JSONResponse(info.to_dict())
 
-    @app.put("/tasks/{name}", response_model=TaskInfoModel, status_code=201, responses=ERRORS, tags=["tasks"],
+    @app.put("/tasks/{name}", response_model=TaskInfo, status_code=201, responses=ERRORS, tags=["tasks"],
              dependencies=[Depends(require_admin)], openapi_extra=UPLOAD_BODY)
     async def put_task(request: Request, name: str = TASK_NAME) -> Response:
         """Upload a delta (raw body or multipart field `file`): 201 created, 200 replaced."""
