@@ -270,6 +270,8 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app = FastAPI(title="deltaserve", version="1",
                   description="One frozen encoder, many task deltas, any mix of tasks in one forward pass.",
                   lifespan=lifespan)
+    # Outermost last: the metrics middleware also counts what the body limit refuses.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware)
 
     def server_of(request: Request) -> Server:
@@ -523,3 +525,47 @@ class MetricsMiddleware:
             if server is not None:
                 server.metrics.requests.labels(path, task, str(status)).inc()
                 server.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over `limit`, before anything parses it; uploads (PUT) have their own limit.
+
+    A long text is truncated only after tokenising all of it, so without this a single huge
+    JSON body would cost the tokenizer thread its whole length.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("PUT", "GET", "HEAD", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        if declared.isdigit():
+            await self.app(scope, receive, send)
+            return
+        # A body without a length: read it here (up to the limit), then replay it to the app.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> MutableMapping[str, Any]:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(413, f"the request body is over the limit of {self.limit} bytes")
+        await response(scope, receive, send)

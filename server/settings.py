@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_queue: int = Field(256, ge=1, description="requests waiting for the engine before 429")
     max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")
+    max_request_bytes: int = Field(2 * MiB, ge=1, description="largest body of any other request (413 beyond)")
     cache_bytes: int = Field(512 * MiB, ge=0, description="device memory budget for prepared deltas")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 

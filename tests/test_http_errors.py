@@ -122,3 +122,23 @@ def test_bad_predict_requests(tiny_backbone, tmp_path):
         assert client.get("/tasks/nope").status_code == 404
         assert client.get("/no/such/route").json() == {"detail": "Not Found"}
         assert client.post("/tasks/t/predict", json={"inputs": ["a"] * 4}).status_code == 200
+
+
+def test_oversized_predict_body_is_413(tiny_backbone, tmp_path):
+    with served(tiny_backbone, tmp_path, max_request_bytes=1000) as client:
+        client.put("/tasks/t", content=build_delta(tiny_backbone), headers=ADMIN)
+        big = {"inputs": "word " * 300}
+        declared = client.post("/tasks/t/predict", json=big)
+        assert declared.status_code == 413 and "limit of 1000 bytes" in declared.json()["detail"]
+
+        def chunks(body: bytes):  # no Content-Length: counted while streaming
+            yield body[:10]
+            yield body[10:]
+
+        streamed = client.post("/tasks/t/predict", content=chunks(b'{"inputs": "' + b"word " * 300 + b'"}'),
+                               headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+        small = client.post("/tasks/t/predict", content=chunks(b'{"inputs": "a few words"}'),
+                            headers={"content-type": "application/json"})
+        assert small.status_code == 200, small.text
+        assert client.put("/tasks/u", content=build_delta(tiny_backbone), headers=ADMIN).status_code == 201
