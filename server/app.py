@@ -39,6 +39,7 @@ from adapters_store.storage import (
     DeltaTooLarge,
     InvalidTaskName,
     LocalDeltaStore,
+    StoreCorrupt,
     TaskInfo,
     TaskNotFound,
     check_name,
@@ -460,6 +461,7 @@ def install_error_handlers(app: FastAPI) -> None:
         InvalidDelta: 422,
         DeltaTooLarge: 413,
         UnsupportedInput: 422,
+        StoreCorrupt: 500,  # the disk changed under the store: the operator's problem, said plainly
     }
     for exc_type, status in simple.items():
         app.add_exception_handler(exc_type, lambda _r, exc, status=status: _error(status, str(exc)))

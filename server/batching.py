@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from adapters_store.format import InvalidDelta
-from adapters_store.storage import DeltaStore, TaskNotFound
+from adapters_store.storage import DeltaStore, StoreCorrupt, TaskNotFound
 from server.backbone import Backbone, EncodedText, TextInput
 from server.cache import DeltaCache
 from server.delta import PreparedDelta, prepare_delta
@@ -158,7 +158,7 @@ class BatchRunner:
                 return self.cache.get((name, version), load)
             except TaskNotFound:
                 continue  # replaced between reading the manifest and the file: take the newer one
-            except InvalidDelta as err:
+            except (InvalidDelta, StoreCorrupt) as err:  # fails this task's requests, not the batch
                 return err
         return TaskNotFound(name)
 
@@ -216,7 +216,8 @@ class Batcher:
     async def close(self) -> None:
         """Refuse new work, finish everything accepted, stop the loop and the worker."""
         self._closing = True
-        await self._idle.wait()
+        if self._loop_task is not None and not self._loop_task.done():
+            await self._idle.wait()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -142,3 +142,14 @@ def test_oversized_predict_body_is_413(tiny_backbone, tmp_path):
                             headers={"content-type": "application/json"})
         assert small.status_code == 200, small.text
         assert client.put("/tasks/u", content=build_delta(tiny_backbone), headers=ADMIN).status_code == 201
+
+
+def test_a_corrupted_file_fails_only_its_task(tiny_backbone, tmp_path):
+    with served(tiny_backbone, tmp_path) as client:
+        client.put("/tasks/good", content=build_delta(tiny_backbone), headers=ADMIN)
+        client.put("/tasks/bad", content=build_delta(tiny_backbone, seed=1), headers=ADMIN)
+        path = tmp_path / "deltas" / "bad" / "1.safetensors"
+        path.write_bytes(path.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+        bad = client.post("/tasks/bad/predict", json={"inputs": "x"})
+        assert bad.status_code == 500 and "sha256" in bad.json()["detail"]
+        assert client.post("/tasks/good/predict", json={"inputs": "x"}).status_code == 200
