@@ -507,8 +507,3 @@ def parse_delta(data: bytes, spec: BackboneSpec) -> TaskDelta:
                 module, shape, parts.get("sparse_index"), parts.get("sparse_value")  # type: ignore[arg-type]
             )
     return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
-
-
-def finetuned_copy_bytes(backbone_bytes: int, head: TaskHead) -> int:
-    """What one full fine-tuned model for this task would hold: backbone + its head."""
-    return backbone_bytes + head.nbytes

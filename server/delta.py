@@ -32,17 +32,15 @@ class ModuleParts:
 
 @dataclass(eq=False)
 class PreparedDelta:
+    """Only the serving form is kept: the parsed file's tensors are dropped once prepared."""
+
     name: str
     version: int
-    delta: TaskDelta
+    meta: DeltaMeta
     head: PreparedTaskHead
     modules: dict[str, ModuleParts] = field(default_factory=dict)
     pasta: PreparedPasta | None = None
     load_seconds: float = 0.0
-
-    @property
-    def meta(self) -> DeltaMeta:
-        return self.delta.meta
 
     @property
     def key(self) -> tuple[str, int]:
@@ -86,7 +84,7 @@ def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int) -> Pr
     prepared = PreparedDelta(
         name=name,
         version=version,
-        delta=delta,
+        meta=delta.meta,
         head=PreparedTaskHead(delta.head, device, dtype),
         modules=modules,
         pasta=PreparedPasta(delta.pasta, device, dtype) if delta.pasta is not None else None,

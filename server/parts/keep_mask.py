@@ -30,6 +30,15 @@ from adapters_store.format import KeepMask
 _BIT_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _ROW_STARTS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 _INT16_MAX = 32767
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def _zero_positions(packed: np.ndarray, count: int) -> np.ndarray:
+    """Flat row-major indices of the 0 bits, unpacking only the bytes that hold one."""
+    partial = np.flatnonzero(packed != 0xFF)
+    bit = np.flatnonzero(np.unpackbits(packed[partial]) == 0)  # 1-D: several times faster than 2-D nonzero
+    flat = partial[bit >> 3] * 8 + (bit & 7)
+    return flat[flat < count]  # drop the pad bits
 
 
 def _bit_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -52,18 +61,17 @@ def _row_starts(out_features: int, in_features: int, device: torch.device) -> to
 class PreparedKeepMask:
     def __init__(self, part: KeepMask, device: torch.device) -> None:
         out_features, in_features = self.shape = part.shape
+        count = out_features * in_features
         packed = part.packed.numpy()
-        bits = np.unpackbits(packed, count=out_features * in_features).reshape(out_features, in_features)
-        rows, cols = np.nonzero(bits == 0)
-        self.zero_fraction = rows.size / bits.size
-        index_bytes = rows.size * 2 + out_features * 4
+        zeros = count - int(_POPCOUNT[packed].sum())  # pad bits are 0, so they are not in the popcount
+        self.zero_fraction = zeros / count
         self.packed: torch.Tensor | None = None
         self.row_zero_counts: torch.Tensor | None = None
         self.zero_columns: torch.Tensor | None = None
-        if in_features <= _INT16_MAX and index_bytes < packed.size:
-            self.row_zero_counts = torch.from_numpy(
-                np.bincount(rows, minlength=out_features).astype(np.int32)
-            ).to(device)
+        if in_features <= _INT16_MAX and zeros * 2 + out_features * 4 < packed.size:
+            rows, cols = np.divmod(_zero_positions(packed, count), in_features)
+            counts = np.bincount(rows, minlength=out_features).astype(np.int32)
+            self.row_zero_counts = torch.from_numpy(counts).to(device)
             self.zero_columns = torch.from_numpy(cols.astype(np.int16)).to(device)
         else:
             # index_select wants int32/int64 indices: widen the bytes per use, keep them as uint8.
