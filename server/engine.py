@@ -9,8 +9,9 @@ a batch whose rows belong to different tasks, computes per row
 Rows are sorted so that each task's rows are contiguous (a *segment*). Per module:
 
 - rows of tasks with no part there are covered by the shared GEMM, once, for all of them;
-- a task with a keep mask there is swapped out of the shared GEMM and multiplied by
-  `W ⊙ K (+ B·A + S)` materialised in a scratch buffer (see `parts/keep_mask.py` for why);
+- a task with a keep mask there is swapped out of the shared GEMM and multiplied by `W ⊙ K`:
+  the shared weight zeroed in place and restored (few zeros), or `W ⊙ K (+ B·A + S)` built in
+  a scratch buffer (dense masks); see `parts/keep_mask.py` for why;
 - other tasks get in-place corrections on their rows: `B·A` by two small GEMMs, `S` by an
   index-add (see `parts/low_rank.py`, `parts/sparse.py`);
 - pruned heads zero their context columns before the attention output projection.
@@ -93,6 +94,16 @@ def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         torch.addmm(bias, x2, weight.t(), out=out2)
 
 
+def _add_corrections(x: torch.Tensor, y: torch.Tensor, parts: ModuleParts) -> None:
+    """Low-rank and sparse parts as in-place corrections on one task's rows."""
+    x_rows = x.reshape(-1, x.shape[-1])
+    y_rows = y.view(-1, y.shape[-1])
+    if parts.low_rank is not None:
+        parts.low_rank.add_to_rows(x_rows, y_rows)
+    if parts.sparse is not None:
+        parts.sparse.add_to_rows(x_rows, y_rows)
+
+
 class MixedLinear(nn.Linear):
     """An `nn.Linear` that applies each row's task parts: the formula, in one place."""
 
@@ -120,24 +131,24 @@ class MixedLinear(nn.Linear):
             y = x.new_empty((*x.shape[:-1], self.out_features))
             for start, end in plan.shared_runs():
                 _linear_into(x[start:end], self.weight, self.bias, y[start:end])
-            buffer = self.scratch.get(self.weight)
             for start, end, parts in plan.replaced:
-                assert parts.keep is not None
-                parts.keep.materialise_into(self.weight, buffer)
-                if parts.low_rank is not None:
-                    parts.low_rank.add_to_weight(buffer)
-                if parts.sparse is not None:
-                    parts.sparse.add_to_weight(buffer)
-                _linear_into(x[start:end], buffer, self.bias, y[start:end])
+                keep = parts.keep
+                assert keep is not None
+                if keep.in_place:
+                    with keep.zeroed(self.weight) as masked:
+                        _linear_into(x[start:end], masked, self.bias, y[start:end])
+                    _add_corrections(x[start:end], y[start:end], parts)
+                else:
+                    buffer = keep.materialise_into(self.weight, self.scratch.get(self.weight))
+                    if parts.low_rank is not None:
+                        parts.low_rank.add_to_weight(buffer)
+                    if parts.sparse is not None:
+                        parts.sparse.add_to_weight(buffer)
+                    _linear_into(x[start:end], buffer, self.bias, y[start:end])
         else:
             y = F.linear(x, self.weight, self.bias)
         for start, end, parts in plan.corrections:
-            x_rows = x[start:end].reshape(-1, self.in_features)
-            y_rows = y[start:end].view(-1, self.out_features)
-            if parts.low_rank is not None:
-                parts.low_rank.add_to_rows(x_rows, y_rows)
-            if parts.sparse is not None:
-                parts.sparse.add_to_rows(x_rows, y_rows)
+            _add_corrections(x[start:end], y[start:end], parts)
         return y
 
 

@@ -73,6 +73,8 @@ def _mixed_methods(backbone):
                    labels=("O", "B-PER", "I-PER", "B-LOC", "I-LOC")),
         make_delta(backbone, ("sparse", "keep"), seed=7, problem_type="regression", labels=("score",)),
         make_delta(backbone, ("low_rank",), seed=8, dtype=torch.float16),
+        # few zeros: the mask is applied in place and low-rank/sparse become row corrections
+        make_delta(backbone, ("keep", "low_rank", "sparse"), seed=10, zero_fraction=0.03),
     ]
 
 
@@ -117,6 +119,28 @@ def test_no_plan_left_behind_and_dense_path_untouched(tiny_backbone):
     engine.forward([Row(delta, e) for e in encoded])
     assert all(m.plan is None for m in engine.mixed.values())
     torch.testing.assert_close(engine.forward_dense(encoded), before, atol=0, rtol=0)
+
+
+def test_mixed_methods_cover_both_keep_mask_paths(tiny_backbone):
+    prepared = [prepare(d, tiny_backbone, f"t{i}", 1) for i, d in enumerate(_mixed_methods(tiny_backbone))]
+    paths = {parts.keep.in_place for p in prepared for parts in p.modules.values() if parts.keep is not None}
+    assert paths == {True, False}
+    in_place_with_corrections = [
+        parts for p in prepared for parts in p.modules.values()
+        if parts.keep is not None and parts.keep.in_place and parts.low_rank is not None and parts.sparse is not None
+    ]
+    assert in_place_with_corrections
+
+
+def test_weights_are_untouched_after_mixed_batches(tiny_backbone):
+    before = {name: m.weight.clone() for name, m in tiny_backbone.model.named_modules() if hasattr(m, "weight")}
+    engine = Engine(tiny_backbone)
+    deltas = [prepare(d, tiny_backbone, f"t{i}", 1) for i, d in enumerate(_mixed_methods(tiny_backbone))]
+    encoded = tiny_backbone.encode(TEXTS)
+    engine.forward([Row(deltas[i % len(deltas)], encoded[i % len(encoded)]) for i in range(24)])
+    for name, module in tiny_backbone.model.named_modules():
+        if name in before:
+            assert torch.equal(module.weight, before[name]), name
 
 
 def test_a_task_costs_its_delta_not_a_copy(tiny_backbone):

@@ -32,6 +32,34 @@ def test_sparse_masks_keep_dropped_positions_dense_ones_keep_bits():
                                  torch.device("cpu"))
     many_zeros = PreparedKeepMask(KeepMask("m", shape, pack_bits(torch.rand(shape, generator=gen) >= 0.2)),
                                   torch.device("cpu"))
-    assert few_zeros.packed is None and few_zeros.zero_columns is not None
-    assert many_zeros.packed is not None and many_zeros.zero_columns is None
+    assert few_zeros.in_place and few_zeros.packed is None
+    assert not many_zeros.in_place and many_zeros.zero_gaps is None
     assert few_zeros.nbytes < shape[0] * shape[1] / 8
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.01, 0.05])
+def test_in_place_zeroing_is_exact_and_restores_the_weight_bit_for_bit(zero_fraction):
+    shape = (384, 1536)
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(shape, generator=gen)
+    pristine = weight.clone()
+    keep = torch.rand(shape, generator=gen) >= zero_fraction
+    prepared = PreparedKeepMask(KeepMask("m", shape, pack_bits(keep)), torch.device("cpu"))
+    assert prepared.in_place
+    with prepared.zeroed(weight) as masked:
+        assert masked is weight
+        assert torch.equal(weight, pristine * keep)
+    assert torch.equal(weight, pristine)
+    with pytest.raises(RuntimeError), prepared.zeroed(weight):
+        raise RuntimeError("a failing GEMM")
+    assert torch.equal(weight, pristine)
+
+
+def test_long_runs_without_zeros_fall_back_to_bits():
+    shape = (384, 1536)
+    keep = torch.ones(shape, dtype=torch.bool)
+    keep[0, 0] = keep[-1, -1] = False  # a gap of ~590k positions does not fit int16
+    prepared = PreparedKeepMask(KeepMask("m", shape, pack_bits(keep)), torch.device("cpu"))
+    assert not prepared.in_place
+    weight = torch.randn(shape)
+    assert torch.equal(prepared.materialise_into(weight, torch.empty_like(weight)), weight * keep)
