@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.workload import make_method_delta, texts_of_length
+from bench.workload import make_method_delta, texts_of_exact_length
 from server.backbone import Backbone
 from server.delta import prepare_delta
 from server.engine import Engine, Row
@@ -59,7 +59,7 @@ def commit() -> str:
 def run(batch: int, tokens: int, tasks: int, repeats: int, methods: list[str]) -> list[dict[str, object]]:
     backbone = Backbone.load()
     engine = Engine(backbone)
-    texts = texts_of_length(backbone, batch, tokens)
+    texts = texts_of_exact_length(backbone, batch, tokens)
     results = []
     for method in methods:
         deltas = [make_method_delta(backbone, method, seed) for seed in range(tasks)]
@@ -107,8 +107,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", default="pasta,lora,mask,dsee,mix")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = run(args.batch, args.tokens, args.tasks, args.repeats, args.methods.split(","))
     md = table(results, args.batch, args.tokens, args.tasks)
     header = (f"### Engine, MiniLM, batch {args.batch} × {args.tokens} tokens, {args.tasks} tasks — "
