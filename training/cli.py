@@ -27,7 +27,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--lr", type=float, help="learning rate (default: the method's)")
-    train.add_argument("--head-lr", type=float, help="classifier learning rate (default: the method's, else --lr)")
+    train.add_argument("--head-lr", type=float,
+                       help="classifier learning rate (default: the method's head lr, else --lr)")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--max-length", type=int, default=128)
     train.add_argument("--seed", type=int, default=42)

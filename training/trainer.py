@@ -132,7 +132,8 @@ def build_model(settings: TrainSettings, method: Method, backbone: Backbone, lab
 
 def optimizer_for(model: DeltaModel, method: Method, settings: TrainSettings) -> torch.optim.Optimizer:
     lr = settings.lr if settings.lr is not None else method.default_lr
-    head_lr = settings.head_lr or (method.default_head_lr if settings.lr is None else None) or lr
+    # The head starts random; some methods want it faster than their own parameters (mask scores).
+    head_lr = settings.head_lr or method.default_head_lr or lr
     head_ids = {id(p) for p in model.classifier.parameters()}
     if model.pooler is not None:
         head_ids |= {id(p) for p in model.pooler.parameters()}
