@@ -286,3 +286,18 @@ def test_push_puts_the_delta_with_a_bearer_token(monkeypatch):
     push("http://server:8000/", "sst2", b"delta", token="s3cret")
     assert seen["url"] == "http://server:8000/tasks/sst2" and seen["content"] == b"delta"
     assert seen["headers"] == {"Content-Type": "application/octet-stream", "Authorization": "Bearer s3cret"}
+
+
+def test_label_names_are_what_the_delta_serves(tmp_path, tiny_folder):
+    data = _write_sst(tmp_path)
+    out, report = tmp_path / "d.safetensors", tmp_path / "r.json"
+    common = ["train", "--method", "pasta", "--train", str(data), "--eval", str(data), "--task-type",
+              "sequence-classification", "--backbone", str(tiny_folder), "--epochs", "1", "--batch-size", "4",
+              "--quiet"]
+    assert main([*common, "--label-names", "negative,positive", "--out", str(out), "--report", str(report)]) == 0
+    backbone = Backbone.load(tiny_folder, device="cpu")
+    assert parse_delta(out.read_bytes(), backbone.spec()).meta.labels == ("negative", "positive")
+    rep = json.loads(report.read_text())
+    assert rep["labels"] == ["negative", "positive"] and rep["data_labels"] == ["0", "1"]
+    with pytest.raises(ValueError, match="2 distinct names"):
+        main([*common, "--label-names", "negative,positive,neutral"])

@@ -38,6 +38,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--word-piece", choices=("first", "last"), default="first")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--description", default="")
+    train.add_argument("--label-names", help="comma-separated names to serve for the data's labels, in class-id "
+                       "order (the data's labels sorted), e.g. negative,positive for SST-2's 0,1")
     train.add_argument("--out", help="write the best epoch's delta here (.safetensors)")
     train.add_argument("--report", help="write a JSON report here")
     train.add_argument("--push", metavar="URL", help="upload the delta to a running server")
@@ -74,6 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_length=args.max_length, seed=args.seed, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, head_pooler=args.head_pooler, word_piece=args.word_piece,
         threads=args.threads, out=args.out, report=args.report, description=args.description,
+        label_names=tuple(n.strip() for n in args.label_names.split(",")) if args.label_names else None,
     )
     result = train(settings, make_method(args.method, args), progress=not args.quiet)
     summary = {k: v for k, v in result.report.items() if k not in ("history", "settings", "labels")}

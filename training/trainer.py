@@ -53,6 +53,7 @@ class TrainSettings:
     out: str | None = None
     report: str | None = None
     description: str = ""
+    label_names: tuple[str, ...] | None = None  # names served for the classes, in class-id order
 
 
 @dataclass
@@ -142,6 +143,16 @@ def optimizer_for(model: DeltaModel, method: Method, settings: TrainSettings) ->
     return torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.0)
 
 
+def served_label_names(data_labels: list[str], names: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The labels a delta serves: the data's own (e.g. SST-2's 0/1), or names given for them in order."""
+    if names is None:
+        return tuple(data_labels)
+    if len(names) != len(data_labels) or len(set(names)) != len(names):
+        raise ValueError(f"--label-names needs {len(data_labels)} distinct names, one for each of the data's "
+                         f"labels in class-id order {data_labels}; got {list(names)}")
+    return tuple(names)
+
+
 def train(settings: TrainSettings, method: Method, backbone: Backbone | None = None,
           progress: bool = True) -> TrainResult:
     if settings.threads:
@@ -153,6 +164,7 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
     train_examples = subsample(read_examples(settings.train, **read), settings.max_train_examples, settings.seed)
     eval_examples = subsample(read_examples(settings.eval, **read), settings.max_eval_examples, settings.seed)
     labels = label_set(train_examples + eval_examples)
+    served_labels = served_label_names(labels, settings.label_names)
     pairs = any(ex.pair is not None for ex in train_examples)
     model = build_model(settings, method, backbone, labels, pairs)
     train_data = encode(train_examples, backbone, labels, settings.task_type, settings.max_length, settings.word_piece)
@@ -166,7 +178,7 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(total_steps - s, 0) / max(total_steps - warmup, 1)))
     meta = DeltaMeta(method=method.name, task_type=settings.task_type,  # type: ignore[arg-type]
-                     labels=tuple(labels), backbone_fingerprint=backbone.fingerprint,
+                     labels=served_labels, backbone_fingerprint=backbone.fingerprint,
                      max_length=settings.max_length, word_piece=settings.word_piece,
                      description=settings.description)
     rng = random.Random(settings.seed)
@@ -215,7 +227,8 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
         "train_seconds": round(train_seconds, 1),
         "train_examples": len(train_data),
         "eval_examples": len(eval_data),
-        "labels": labels,
+        "labels": list(served_labels),
+        "data_labels": labels,
         "backbone": backbone.name,
         "backbone_fingerprint": backbone.fingerprint,
         "settings": asdict(settings),
