@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     if "http" not in skip:
         deltas = [wb.delta_bytes(METHODS[i % len(METHODS)])[i // len(METHODS)] for i in range(16)]
         texts = [" ".join(sentences(2, seed=i)) for i in range(64)]
-        levels = {1: 4, 16: 16, 64: 64} if args.quick else {1: 24, 16: 160, 64: 640}  # 64 clients: 10 rounds, steady state
+        # 64 clients x 10 rounds: a steady state, not mostly ramp-up and drain
+        levels = {1: 4, 16: 16, 64: 64} if args.quick else {1: 24, 16: 160, 64: 640}
         run.http = http.run(wb.backbone, wb.engine, deltas, texts, levels, args.threads)
 
     run.notes.append("Each task is a random delta with its method's real parts, sizes and placement "
