@@ -59,24 +59,6 @@ def apply_parts_(weight: torch.Tensor, parts: ModuleParts) -> None:
         weight.index_fill_(1, parts.head_keep.columns, 0.0)
 
 
-def pad(backbone: Backbone, texts: Sequence[EncodedText]) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs for a right-padded batch (as the engine pads)."""
-    width = max(len(t.input_ids) for t in texts)
-    ids = torch.full((len(texts), width), backbone.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    types = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, text in enumerate(texts):
-        n = len(text.input_ids)
-        ids[i, :n] = torch.tensor(text.input_ids)
-        mask[i, :n] = 1
-        if text.token_type_ids is not None:
-            types[i, :n] = torch.tensor(text.token_type_ids)
-    kwargs = {"input_ids": ids.to(backbone.device), "attention_mask": mask.to(backbone.device)}
-    if backbone.uses_token_types:
-        kwargs["token_type_ids"] = types.to(backbone.device)
-    return kwargs
-
-
 def group_by_task(rows: Sequence[Task]) -> list[tuple[PreparedDelta, list[int]]]:
     """Row indices per task, tasks in order of first appearance."""
     groups: dict[int, tuple[PreparedDelta, list[int]]] = {}
@@ -150,7 +132,7 @@ class TaskCopies:
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         for delta, indices in group_by_task(rows):
             model, hooks = self.models[id(delta)]
-            kwargs = pad(self.backbone, [rows[i][1] for i in indices])
+            kwargs = self.backbone.pad([rows[i][1] for i in indices])
             hooks.set(delta, kwargs["input_ids"])
             logits = _heads(self.backbone, delta, model(**kwargs))
             for i, row_logits in zip(indices, logits.unbind(0), strict=True):
@@ -176,7 +158,7 @@ class NaiveSwapper:
             for name, parts in delta.modules.items():
                 apply_parts_(weights[name], parts)
             try:
-                kwargs = pad(self.backbone, [rows[i][1] for i in indices])
+                kwargs = self.backbone.pad([rows[i][1] for i in indices])
                 self.hooks.set(delta, kwargs["input_ids"])
                 logits = _heads(self.backbone, delta, self.model(**kwargs))
             finally:
@@ -226,7 +208,7 @@ class PeftMixed:
 
     @torch.inference_mode()
     def hidden(self, rows: Sequence[Task]):
-        kwargs = pad(self.backbone, [text for _, text in rows])
+        kwargs = self.backbone.pad([text for _, text in rows])
         return self.model(**kwargs, adapter_names=[self.names[id(delta)] for delta, _ in rows])
 
     @torch.inference_mode()

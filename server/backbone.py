@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -71,6 +72,34 @@ class EncodedText:
     offsets: list[tuple[int, int]]  # character span of each token in its own text
     word_ids: list[int | None]  # index of the word a token belongs to (None for special tokens)
     sequence_ids: list[int | None]  # 0 or 1: which text of a pair a token comes from
+
+
+class Tokenised(Protocol):
+    input_ids: Sequence[int]
+    token_type_ids: Sequence[int] | None
+
+
+def pad_batch(texts: Sequence[Tokenised], pad_id: int) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for a right-padded batch, on the CPU.
+
+    `token_type_ids` is there when the texts carry them (`Backbone.encode` gives them exactly
+    when the model uses them). The engine, the trainer and the benchmarks' baselines all pad here.
+    """
+    width = max(len(t.input_ids) for t in texts)
+    input_ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+    with_types = texts[0].token_type_ids is not None
+    token_types = torch.zeros((len(texts), width), dtype=torch.long) if with_types else None
+    for i, text in enumerate(texts):
+        n = len(text.input_ids)
+        input_ids[i, :n] = torch.tensor(text.input_ids)
+        attention_mask[i, :n] = 1
+        if token_types is not None and text.token_type_ids is not None:
+            token_types[i, :n] = torch.tensor(text.token_type_ids)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_types is not None:
+        inputs["token_type_ids"] = token_types
+    return inputs
 
 
 class Backbone:
@@ -211,6 +240,10 @@ class Backbone:
                 )
             )
         return encoded
+
+    def pad(self, texts: Sequence[Tokenised]) -> dict[str, torch.Tensor]:
+        """`pad_batch` on this backbone's padding id, moved to its device."""
+        return {k: v.to(self.device) for k, v in pad_batch(texts, self.pad_id).items()}
 
     def special_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
         """For a [N, L] batch, the slot number of each special token (-1 elsewhere).

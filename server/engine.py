@@ -158,10 +158,12 @@ class Batch:
 
     order: list[int]  # order[i] = index in the caller's list of the i-th sorted row
     segments: list[tuple[int, int, PreparedDelta]]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    token_type_ids: torch.Tensor | None
+    inputs: dict[str, torch.Tensor]  # the model's keyword inputs
     lengths: list[int]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
 
 
 class Engine:
@@ -255,25 +257,7 @@ class Engine:
 
     def _pad(self, texts: list[EncodedText]) -> Batch:
         lengths = [len(t.input_ids) for t in texts]
-        width = max(lengths)
-        device = self.backbone.device
-        input_ids = torch.full((len(texts), width), self.backbone.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
-        token_types = torch.zeros((len(texts), width), dtype=torch.long) if self.backbone.uses_token_types else None
-        for i, text in enumerate(texts):
-            n = lengths[i]
-            input_ids[i, :n] = torch.tensor(text.input_ids)
-            attention_mask[i, :n] = 1
-            if token_types is not None and text.token_type_ids is not None:
-                token_types[i, :n] = torch.tensor(text.token_type_ids)
-        return Batch(
-            order=list(range(len(texts))),
-            segments=[],
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            token_type_ids=token_types.to(device) if token_types is not None else None,
-            lengths=lengths,
-        )
+        return Batch(order=list(range(len(texts))), segments=[], inputs=self.backbone.pad(texts), lengths=lengths)
 
     def _plan(self, batch: Batch) -> dict[str, ModulePlan]:
         num_rows = batch.input_ids.shape[0]
@@ -292,10 +276,7 @@ class Engine:
         return plans
 
     def _run_backbone(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if batch.token_type_ids is not None:
-            kwargs["token_type_ids"] = batch.token_type_ids
-        out = self.backbone.model(**kwargs)
+        out = self.backbone.model(**batch.inputs)
         pooled = getattr(out, "pooler_output", None) if self.backbone.has_pooler else None
         return out.last_hidden_state, pooled
 

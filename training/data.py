@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from server.backbone import Backbone
+from server.backbone import Backbone, pad_batch
 
 IGNORE = -100
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "#1 String", "tokens", "words", "question")
@@ -187,19 +187,8 @@ def batches(data: Sequence[Encoded], batch_size: int, pad_id: int, *, shuffle: b
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), length), dtype=torch.long)
-    types = torch.zeros((len(items), length), dtype=torch.long)
-    for row, e in enumerate(items):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        if e.token_type_ids is not None:
-            types[row, :n] = torch.tensor(e.token_type_ids)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if items[0].token_type_ids is not None:
-        batch["token_type_ids"] = types
+    batch = pad_batch(items, pad_id)
+    length = batch["input_ids"].shape[1]
     if isinstance(items[0].label, list):
         labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
         for row, e in enumerate(items):
