@@ -20,7 +20,9 @@ PASTA vectors are added by a pre-hook on every layer; heads run per segment afte
 backbone. With no plan installed (`plan is None`) a `MixedLinear` is a plain `nn.Linear`, which
 is how the dense baseline runs on the same module objects.
 
-One forward runs at a time (plans are module state); callers serialise through a worker.
+One forward runs at a time, under the engine's lock: plans are module state, and a few-zero keep
+mask briefly zeroes the shared weight in place (restored before the lock is released). Callers
+serialise through one worker; nothing else may read the weights while a forward runs.
 """
 
 from __future__ import annotations
