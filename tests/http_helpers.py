@@ -13,11 +13,12 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.app import Server, create_app
+from server.app import create_app
 from server.backbone import Backbone
 from server.delta import prepare_delta
 from server.engine import Engine, Row
 from server.postprocess import predict_row
+from server.service import Server
 from server.settings import Settings
 
 ADMIN = {"Authorization": "Bearer s3cret"}

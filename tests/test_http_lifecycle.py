@@ -17,9 +17,9 @@ from conftest import make_tiny_backbone
 from delta_builders import NER_LABELS, build_delta
 from http_helpers import ADMIN, free_port, served
 
-from server.app import demo_dir
 from server.backbone import Backbone
 from server.cli import main as cli_main
+from server.service import demo_dir
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,92 @@
+"""Error mapping: every error answers `{"detail": "<sentence>"}` with its status code, decided here once.
+
+Domain exceptions (unknown task, invalid delta, overload, ...) are raised where they happen and
+mapped to status codes by the handlers `install_error_handlers` puts on the app.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from adapters_store.format import BackboneMismatch, InvalidDelta
+from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, TaskNotFound
+from server.batching import Overloaded, ShuttingDown
+from server.postprocess import UnsupportedInput
+
+log = logging.getLogger("deltaserve")
+
+# Domain exception -> status; the body is the exception's own sentence.
+STATUS: dict[type[Exception], int] = {
+    TaskNotFound: 404,
+    InvalidTaskName: 422,
+    BackboneMismatch: 409,
+    InvalidDelta: 422,
+    DeltaTooLarge: 413,
+    UnsupportedInput: 422,
+    StoreCorrupt: 500,  # the disk changed under the store: the operator's problem, said plainly
+}
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def validation_detail(err: RequestValidationError) -> str:
+    """pydantic's list of errors as one sentence a person can act on."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if e.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', message)})")
+        elif not where:
+            parts.append('the body must be a JSON object like {"inputs": "some text"}')
+        elif e.get("type") == "missing":
+            parts.append(f"{where or 'body'} is required")
+        else:
+            parts.append(f"{where}: {message}" if where and not message.startswith(where) else message)
+    return "; ".join(parts) or "invalid request"
+
+
+def status_of(exc: Exception) -> tuple[int, dict[str, str] | None]:
+    """The status code and extra headers an exception answers with (500 for anything unexpected)."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code, exc.headers
+    if isinstance(exc, RequestValidationError):
+        return 422, None
+    if isinstance(exc, Overloaded):
+        return 429, {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, ShuttingDown):
+        return 503, {"Retry-After": "5"}
+    for exc_type, status in STATUS.items():
+        if isinstance(exc, exc_type):
+            return status, None
+    return 500, None
+
+
+def detail_of(exc: Exception) -> str:
+    """The sentence an exception answers with."""
+    if isinstance(exc, HTTPException):
+        return str(exc.detail)
+    if isinstance(exc, RequestValidationError):
+        return validation_detail(exc)
+    if status_of(exc)[0] == 500 and not isinstance(exc, StoreCorrupt):
+        return f"internal error: {type(exc).__name__}"
+    return str(exc)
+
+
+async def handle(_request: Request, exc: Exception) -> JSONResponse:
+    status, headers = status_of(exc)
+    if status == 500 and not isinstance(exc, StoreCorrupt):
+        log.error("unhandled error", exc_info=exc)
+    return error_response(status, detail_of(exc), headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_type in (*STATUS, RequestValidationError, HTTPException, Overloaded, ShuttingDown, Exception):
+        app.add_exception_handler(exc_type, handle)

@@ -1,0 +1,128 @@
+"""Request and response models of the HTTP API (../shared/spec/http-api.md): FastAPI builds the OpenAPI schema
+from these, so their descriptions and examples are the API's documentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from adapters_store.storage import TaskInfo
+
+
+class PredictRequest(BaseModel):
+    inputs: str | list[str] | list[tuple[str, str]] = Field(
+        description="one text, a list of texts, or a list of [text_a, text_b] pairs",
+        examples=["a gripping, funny film", ["great", "awful"], [["A man sleeps.", "Someone rests."]]],
+    )
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _shape(cls, value: Any) -> Any:
+        # One readable message instead of pydantic's error per union branch.
+        def text(item: Any, where: str) -> None:
+            if not isinstance(item, str):
+                raise ValueError(f"{where} must be a text, a list of texts or a list of [text_a, text_b] pairs")
+            if not item.strip():
+                raise ValueError(f"{where} is an empty text")
+
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("inputs is empty")
+            pairs = isinstance(value[0], list | tuple)
+            for i, item in enumerate(value):
+                if pairs:
+                    if not isinstance(item, list | tuple) or len(item) != 2:
+                        raise ValueError(f"inputs[{i}] must be a pair [text_a, text_b] like inputs[0]")
+                    text(item[0], f"inputs[{i}][0]")
+                    text(item[1], f"inputs[{i}][1]")
+                else:
+                    text(item, f"inputs[{i}]")
+        else:
+            text(value, "inputs")
+        return value
+
+    def as_list(self) -> list[str | tuple[str, str]]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class SequencePrediction(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class RegressionPrediction(BaseModel):
+    value: float
+
+
+class TokenLabel(BaseModel):
+    word: str
+    start: int
+    end: int
+    label: str
+    score: float
+
+
+class Entity(BaseModel):
+    text: str
+    label: str
+    start: int
+    end: int
+    score: float
+
+
+class TokenPrediction(BaseModel):
+    tokens: list[TokenLabel]
+    entities: list[Entity]
+
+
+class PredictResponse(BaseModel):
+    task: str
+    version: int
+    predictions: list[SequencePrediction | RegressionPrediction | TokenPrediction]
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]  # the store's dataclass: its fields are the documented schema
+
+
+class MemoryTask(BaseModel):
+    name: str
+    method: str
+    delta_bytes: int
+    head_bytes: int
+
+
+class MemoryReport(BaseModel):
+    backbone_bytes: int
+    num_tasks: int
+    tasks: list[MemoryTask]
+    delta_bytes_total: int
+    serving_bytes: int
+    finetuned_copies_bytes: int
+    saved_bytes: int
+    saved_fraction: float
+    resident_delta_bytes: int = Field(description="bytes of prepared deltas in the device cache now")
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
+}
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"],
+                           "properties": {"file": {"type": "string", "format": "binary"}}},
+            },
+        },
+    }
+}

@@ -1,0 +1,112 @@
+"""Routes of the tasks family: predict with a task, and the store (list, describe, upload, delete)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from adapters_store.storage import DeltaTooLarge, TaskInfo, TaskNotFound, check_name
+from server.api.deps import AdminDep, ServerDep, TaskName
+from server.api.schemas import ERRORS, UPLOAD_BODY, PredictRequest, PredictResponse, TaskList
+from server.batching import Job
+from server.postprocess import UnsupportedInput
+
+router = APIRouter()
+
+
+@router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"])
+async def predict(body: PredictRequest, server: ServerDep, name: TaskName) -> Response:
+    """Answer one text, a list of texts, or a list of pairs with the task's current version."""
+    check_name(name)
+    info = server.store.get_info(name)
+    if info is None:
+        raise TaskNotFound(name)
+    inputs = body.as_list()
+    if len(inputs) > server.settings.max_inputs:
+        raise HTTPException(413, f"{len(inputs)} inputs in one request; the limit is {server.settings.max_inputs}")
+    if info.task_type == "token-classification" and not isinstance(inputs[0], str):
+        raise UnsupportedInput("token-classification tasks take single texts, not pairs")
+    max_length = server.runner.max_length(info.max_length)
+    encoded = await server.tokenizer.encode(inputs, max_length)
+    answer = await server.batcher.submit(Job(name, inputs, encoded, max_length))
+    return JSONResponse({"task": name, "version": answer.version, "predictions": answer.predictions})
+
+
+@router.get("/tasks", response_model=TaskList, tags=["tasks"])
+async def list_tasks(server: ServerDep) -> Response:
+    return JSONResponse({"tasks": [info.to_dict() for info in server.store.list()]})
+
+
+@router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"])
+async def get_task(server: ServerDep, name: TaskName) -> Response:
+    check_name(name)
+    info = server.store.get_info(name)
+    if info is None:
+        raise TaskNotFound(name)
+    return JSONResponse(info.to_dict())
+
+
+@router.put("/tasks/{name}", response_model=TaskInfo, status_code=201, responses=ERRORS, tags=["tasks"],
+            dependencies=[AdminDep], openapi_extra=UPLOAD_BODY)
+async def put_task(request: Request, server: ServerDep, name: TaskName) -> Response:
+    """Upload a delta (raw body or multipart field `file`): 201 created, 200 replaced."""
+    check_name(name)
+    data = await read_upload(request, server.settings.max_upload_bytes)
+    info, created = await run_in_threadpool(server.store.put, name, data)
+    server.cache.discard_task(name)  # old versions will never be asked for again
+    server.metrics.tasks.set(len(server.store.list()))
+    return JSONResponse(info.to_dict(), status_code=201 if created else 200)
+
+
+@router.delete("/tasks/{name}", status_code=204, responses=ERRORS, tags=["tasks"], dependencies=[AdminDep])
+async def delete_task(server: ServerDep, name: TaskName) -> Response:
+    check_name(name)
+    await run_in_threadpool(server.store.delete, name)
+    server.cache.discard_task(name)
+    server.metrics.tasks.set(len(server.store.list()))
+    return Response(status_code=204)
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The delta's bytes from a raw body or a multipart field `file`, refusing more than `limit`."""
+    multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+    allowed = limit + 64 * 1024 if multipart else limit  # room for the multipart framing
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > allowed:
+        raise DeltaTooLarge(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > allowed:
+            raise DeltaTooLarge(size, limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if multipart:
+        body = await _multipart_file(request.headers, body)
+        if len(body) > limit:
+            raise DeltaTooLarge(len(body), limit)
+    if not body:
+        raise HTTPException(422, "the request body is empty: send the delta file")
+    return body
+
+
+async def _multipart_file(headers: Headers, body: bytes) -> bytes:
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=4, max_fields=16).parse()
+    except MultiPartException as err:
+        raise HTTPException(422, f"malformed multipart body: {err.message}") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise HTTPException(422, "multipart upload needs a file field named 'file'")
+    data = await upload.read()
+    await form.close()
+    return data

@@ -1,0 +1,120 @@
+"""The service behind the HTTP layer: its parts built from the settings, the demo tasks, the memory report.
+
+`Server.build` makes the heavy parts (backbone, store, cache, tokenizer, engine, batcher) once at
+startup; `Server.close` finishes every request the batcher accepted before letting go. Nothing
+here knows about HTTP, so the CLI, the routes and the tests share one way to make a server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters_store.format import BackboneMismatch, InvalidDelta
+from adapters_store.storage import DeltaStore, InvalidTaskName, LocalDeltaStore, TaskInfo
+from server.backbone import Backbone
+from server.batching import Batcher, BatchRunner, Tokenizer
+from server.cache import DeltaCache
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("deltaserve")
+
+
+@dataclass
+class Server:
+    settings: Settings
+    backbone: Backbone
+    store: DeltaStore
+    cache: DeltaCache
+    tokenizer: Tokenizer
+    runner: BatchRunner
+    batcher: Batcher
+    metrics: Metrics
+
+    @classmethod
+    def build(cls, settings: Settings, backbone: Backbone | None = None) -> Server:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        if backbone is None:
+            backbone = Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
+        store = LocalDeltaStore(settings.store, backbone.spec(), max_delta_bytes=settings.max_upload_bytes)
+        seed_demo(store, settings)
+        for info in store.list():
+            if info.backbone_fingerprint != backbone.fingerprint:
+                log.warning("task %s was made for backbone %s, not this one (%s): it will answer 409",
+                            info.name, info.backbone_fingerprint, backbone.fingerprint)
+        cache = DeltaCache(settings.cache_bytes)
+        metrics = Metrics()
+        metrics.watch_cache(cache.stats)
+        tokenizer = Tokenizer(backbone)
+        runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
+        batcher = Batcher(runner, max_batch_tokens=settings.max_batch_tokens,
+                          max_batch_requests=settings.max_batch_requests, wait_s=settings.batch_wait_ms / 1000,
+                          max_queue=settings.max_queue, metrics=metrics)
+        return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.tokenizer.close()
+
+    def memory(self) -> dict[str, Any]:
+        """`GET /memory` for this server now."""
+        return memory_report(self.backbone.parameter_bytes, self.store.list(),
+                             int(self.cache.stats()["resident_bytes"]))
+
+
+def demo_dir(settings: Settings) -> Path | None:
+    """The demo deltas: `--demo-dir`, else the repository's demo/ (found from an editable install)."""
+    folder = settings.demo_dir or Path(__file__).resolve().parents[1] / "demo"
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
+def seed_demo(store: DeltaStore, settings: Settings) -> list[str]:
+    """Install the demo tasks (file name = task name) that the store lacks; returns the names added."""
+    wanted = settings.demo if settings.demo is not None else getattr(store, "created", False)
+    folder = demo_dir(settings) if wanted else None
+    if folder is None:
+        return []
+    added = []
+    for path in sorted(folder.glob("*.safetensors")):
+        name = path.stem
+        if store.get_info(name) is not None:
+            continue
+        try:
+            store.put(name, path.read_bytes())
+        except BackboneMismatch:
+            log.info("demo task %s is for another backbone; not installed", name)
+            continue
+        except (InvalidDelta, InvalidTaskName) as err:
+            log.warning("demo task %s not installed: %s", name, err)
+            continue
+        added.append(name)
+    if added:
+        log.info("installed demo tasks: %s", ", ".join(added))
+    return added
+
+
+def memory_report(backbone_bytes: int, tasks: list[TaskInfo], resident_delta_bytes: int = 0) -> dict[str, Any]:
+    """`GET /memory`: one shared backbone + deltas against one fine-tuned copy per task."""
+    delta_total = sum(t.delta_bytes for t in tasks)
+    serving = backbone_bytes + delta_total
+    copies = len(tasks) * backbone_bytes + sum(t.head_bytes for t in tasks)
+    saved = copies - serving
+    return {
+        "backbone_bytes": backbone_bytes,
+        "num_tasks": len(tasks),
+        "tasks": [{"name": t.name, "method": t.method, "delta_bytes": t.delta_bytes, "head_bytes": t.head_bytes}
+                  for t in tasks],
+        "delta_bytes_total": delta_total,
+        "serving_bytes": serving,
+        "finetuned_copies_bytes": copies,
+        "saved_bytes": saved,
+        "saved_fraction": saved / copies if copies else 0.0,
+        "resident_delta_bytes": resident_delta_bytes,
+    }
