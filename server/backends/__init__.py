@@ -1,0 +1,1 @@
+"""Compute backends of the engine (see each module)."""
