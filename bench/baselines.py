@@ -9,6 +9,9 @@
 - `PeftMixed`    — Hugging Face PEFT's mixed-adapter batch (`adapter_names=` per row) with the same
                    LoRA deltas loaded as PEFT LoRA adapters (lora_alpha = r, so scale 1).
 
+Effective weights come from the one dense formula (`adapters_store.formula.effective_weight`);
+PASTA slots and the layer-input hooks from `Backbone` (the same code the trainer uses).
+
 All three take the same `PreparedDelta`s and pre-tokenised texts as the engine and return logits
 per row in the caller's order, so tests can check they agree with the engine (≤ 1e-4).
 """
@@ -16,11 +19,12 @@ per row in the caller's order, so tests can check they agree with the engine (�
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from adapters_store.formula import effective_weight
 from server.backbone import Backbone, EncodedText
 from server.delta import ModuleParts, PreparedDelta
 
@@ -46,17 +50,23 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 def apply_parts_(weight: torch.Tensor, parts: ModuleParts) -> None:
-    """weight ← weight ⊙ K + B·A + S, pruned heads' input columns zeroed, in place."""
+    """weight ← weight ⊙ K + B·A + S, pruned heads' input columns zeroed, in place (the one formula)."""
+    keep = None
     if parts.keep is not None:
-        scratch = torch.empty_like(weight)
-        parts.keep.materialise_into(weight, scratch)
-        weight.copy_(scratch)
-    if parts.low_rank is not None:
-        parts.low_rank.add_to_weight(weight)
-    if parts.sparse is not None:
-        parts.sparse.add_to_weight(weight)
+        keep = torch.empty_like(weight)
+        parts.keep.materialise_into(torch.ones_like(weight), keep)  # K itself, as 0/1
+    input_keep = None
     if parts.head_keep is not None and parts.head_keep.columns.numel():
-        weight.index_fill_(1, parts.head_keep.columns, 0.0)
+        input_keep = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        input_keep[parts.head_keep.columns] = 0.0
+    low_rank, sparse = parts.low_rank, parts.sparse
+    weight.copy_(effective_weight(
+        weight, keep=keep,
+        lora_A=low_rank.A if low_rank is not None else None, lora_B=low_rank.B if low_rank is not None else None,
+        sparse_index=sparse.flat_index if sparse is not None else None,
+        sparse_value=sparse.values if sparse is not None else None,
+        input_keep=input_keep,
+    ))
 
 
 def group_by_task(rows: Sequence[Task]) -> list[tuple[PreparedDelta, list[int]]]:
@@ -74,32 +84,23 @@ class _PastaHooks:
         self.backbone = backbone
         self.vectors: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
-        for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+        Backbone.add_layer_input_hooks(layers, self._add)
 
-    def set(self, delta: PreparedDelta | None, input_ids: torch.Tensor | None) -> None:
-        if delta is None or delta.pasta is None or input_ids is None:
+    def set(self, delta: PreparedDelta | None, texts: Sequence[EncodedText] | None) -> None:
+        if delta is None or delta.pasta is None or not texts:
             self.vectors = self.slots = None
             return
         self.vectors = delta.pasta.vectors
-        self.slots = self.backbone.special_slots(input_ids)
+        self.slots = self.backbone.special_slots(texts)
 
-    def _hook(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self.vectors is None or self.slots is None:
-                return None
-            hit = (self.slots >= 0) & (self.slots < self.vectors.shape[1])
-            rows, positions = hit.nonzero(as_tuple=True)
-            if args:
-                hidden = args[0].clone()
-                hidden[rows, positions] += self.vectors[layer, self.slots[rows, positions]]
-                return (hidden, *args[1:]), kwargs
-            key = "hidden_states" if "hidden_states" in kwargs else "x"
-            hidden = kwargs[key].clone()
-            hidden[rows, positions] += self.vectors[layer, self.slots[rows, positions]]
-            return args, {**kwargs, key: hidden}
-
-        return hook
+    def _add(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self.vectors is None or self.slots is None:
+            return None
+        hit = (self.slots >= 0) & (self.slots < self.vectors.shape[1])
+        rows, positions = hit.nonzero(as_tuple=True)
+        hidden = hidden.clone()
+        hidden[rows, positions] += self.vectors[layer, self.slots[rows, positions]]
+        return hidden
 
 
 def _heads(backbone: Backbone, delta: PreparedDelta, out) -> torch.Tensor:
@@ -132,8 +133,9 @@ class TaskCopies:
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         for delta, indices in group_by_task(rows):
             model, hooks = self.models[id(delta)]
-            kwargs = self.backbone.pad([rows[i][1] for i in indices])
-            hooks.set(delta, kwargs["input_ids"])
+            texts = [rows[i][1] for i in indices]
+            kwargs = self.backbone.pad(texts)
+            hooks.set(delta, texts)
             logits = _heads(self.backbone, delta, model(**kwargs))
             for i, row_logits in zip(indices, logits.unbind(0), strict=True):
                 outputs[i] = row_logits.float().cpu()
@@ -158,8 +160,9 @@ class NaiveSwapper:
             for name, parts in delta.modules.items():
                 apply_parts_(weights[name], parts)
             try:
-                kwargs = self.backbone.pad([rows[i][1] for i in indices])
-                self.hooks.set(delta, kwargs["input_ids"])
+                texts = [rows[i][1] for i in indices]
+                kwargs = self.backbone.pad(texts)
+                self.hooks.set(delta, texts)
                 logits = _heads(self.backbone, delta, self.model(**kwargs))
             finally:
                 self.hooks.set(None, None)

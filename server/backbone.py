@@ -15,7 +15,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -72,11 +72,22 @@ class EncodedText:
     offsets: list[tuple[int, int]]  # character span of each token in its own text
     word_ids: list[int | None]  # index of the word a token belongs to (None for special tokens)
     sequence_ids: list[int | None]  # 0 or 1: which text of a pair a token comes from
+    # 1 where the tokenizer inserted the token ([CLS], each [SEP]); never for text, even "[MASK]"
+    special_tokens_mask: list[int] | None = None
 
 
 class Tokenised(Protocol):
     input_ids: Sequence[int]
     token_type_ids: Sequence[int] | None
+
+
+class Marked(Protocol):
+    input_ids: Sequence[int]
+    special_tokens_mask: Sequence[int] | None
+
+
+# Layout roles of the linears inside one transformer layer (attribute names of `Layout`).
+LAYER_ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
 
 
 def pad_batch(texts: Sequence[Tokenised], pad_id: int) -> dict[str, torch.Tensor]:
@@ -224,11 +235,12 @@ class Backbone:
         encoded = []
         for item in inputs:
             if isinstance(item, str):
-                enc = self.tokenizer(item, truncation=True, max_length=limit, return_offsets_mapping=True)
+                enc = self.tokenizer(item, truncation=True, max_length=limit, return_offsets_mapping=True,
+                                     return_special_tokens_mask=True)
             else:
                 first, second = item
                 enc = self.tokenizer(first, second, truncation="longest_first", max_length=limit,
-                                     return_offsets_mapping=True)
+                                     return_offsets_mapping=True, return_special_tokens_mask=True)
             types = enc.get("token_type_ids") if self.uses_token_types else None
             encoded.append(
                 EncodedText(
@@ -237,6 +249,7 @@ class Backbone:
                     offsets=[tuple(o) for o in enc["offset_mapping"]],
                     word_ids=list(enc.word_ids()),
                     sequence_ids=list(enc.sequence_ids()),
+                    special_tokens_mask=list(enc["special_tokens_mask"]),
                 )
             )
         return encoded
@@ -245,17 +258,83 @@ class Backbone:
         """`pad_batch` on this backbone's padding id, moved to its device."""
         return {k: v.to(self.device) for k, v in pad_batch(texts, self.pad_id).items()}
 
-    def special_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """For a [N, L] batch, the slot number of each special token (-1 elsewhere).
+    def special_slots(self, texts: Sequence[Marked]) -> torch.Tensor:
+        """For texts padded into one batch, the PASTA slot of each special token (-1 elsewhere), on the device.
 
-        Slots count the special tokens (every special id but padding) of each row from 0,
-        left to right, as task-delta.md defines them for PASTA.
+        The one place where slots are computed (engine, trainer, baselines): task-delta.md's
+        special tokens are the ones the tokenizer inserted (its `special_tokens_mask`), never a
+        `[UNK]` or a typed `[MASK]` coming from the text.
         """
-        special = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token_id in self.special_ids:
-            special |= input_ids == token_id
+        width = max(len(t.input_ids) for t in texts)
+        mask = torch.zeros((len(texts), width), dtype=torch.bool)
+        for i, text in enumerate(texts):
+            if text.special_tokens_mask is None:
+                raise ValueError("PASTA slots need the tokenizer's special_tokens_mask for every text")
+            mask[i, : len(text.special_tokens_mask)] = torch.tensor(text.special_tokens_mask, dtype=torch.bool)
+        return self.slots_from_mask(mask.to(self.device))
+
+    @staticmethod
+    def slots_from_mask(special: torch.Tensor) -> torch.Tensor:
+        """[N, L] special-token mask -> slot numbers counted from 0 left to right per row, -1 elsewhere."""
+        special = special.to(torch.bool)
         slots = torch.cumsum(special.to(torch.int64), dim=1) - 1
         return torch.where(special, slots, torch.full_like(slots, -1))
+
+    # ------------------------------------------------------------------ structure (shared glue)
+
+    def layer_module(self, layer: int, role: str) -> str:
+        """Full name of layer `layer`'s linear with layout role `role` (`query`, `ffn_in`, ...)."""
+        if role not in LAYER_ROLES:
+            raise KeyError(f"unknown layer role {role!r}; roles are {LAYER_ROLES}")
+        return f"{self.layout.layers}.{layer}.{getattr(self.layout, role)}"
+
+    def layer_modules(self, roles: Sequence[str] = LAYER_ROLES, first_layer: int = 0) -> list[str]:
+        """Names of the given roles' linears in layers first_layer..L-1, layer by layer."""
+        return [self.layer_module(layer, role) for layer in range(first_layer, self.num_layers) for role in roles]
+
+    @staticmethod
+    def replace_module(model: nn.Module, name: str, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Swap submodule `name` of `model` in place for `make(old)`; returns the new module."""
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = make(getattr(parent, child))
+        setattr(parent, child, new)
+        return new
+
+    @staticmethod
+    def add_layer_input_hooks(layers: Sequence[nn.Module],
+                              add: Callable[[int, torch.Tensor], torch.Tensor | None]) -> list:
+        """Before layer l runs, its hidden-state input h becomes `add(l, h)` (None: unchanged).
+
+        Families pass the hidden states positionally or as `hidden_states` / `x` (DistilBERT);
+        this is where that is handled once (PASTA in the trainer and the baselines).
+        """
+        handles = []
+        for index, layer in enumerate(layers):
+            def hook(module: nn.Module, args: tuple, kwargs: dict, index: int = index):
+                if args:
+                    new = add(index, args[0])
+                    return None if new is None else ((new, *args[1:]), kwargs)
+                for key in ("hidden_states", "x"):
+                    if key in kwargs:
+                        new = add(index, kwargs[key])
+                        return None if new is None else (args, {**kwargs, key: new})
+                raise RuntimeError(f"layer {index}: cannot find the hidden states among the layer's inputs")
+
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
+    def sequence_features(self, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                          task_pooler: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """The head's input z of task-delta.md: tanh(task pooler(h_first)) if the task has one,
+        else the backbone's pooler output where it has a pooler, else h_first."""
+        first = hidden[:, 0]
+        if task_pooler is not None:
+            return torch.tanh(task_pooler(first))
+        if self.has_pooler:
+            assert pooled is not None, "the backbone has a pooler: pass its output"
+            return pooled
+        return first
 
 
 def _display_name(source: str) -> str:

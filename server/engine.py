@@ -196,7 +196,7 @@ class Engine:
         batch = self._collate(rows)
         plans = self._plan(batch)
         pasta = PastaBatch.build(
-            self.backbone.special_slots(batch.input_ids),
+            self.backbone.special_slots([rows[i].text for i in batch.order]),
             [(s, e, d.pasta) for s, e, d in batch.segments],
         )
         with self._lock:

@@ -4,6 +4,8 @@ Slow and obvious on purpose. For a task it deep-copies the untouched model, writ
 W' = W ⊙ K + B·A + S into every linear weight, zeroes the input columns of pruned heads in the
 attention output projection, adds PASTA vectors with a forward pre-hook whose special-token
 slots are counted in plain Python, and runs each text alone (no padding, batch of one).
+Special tokens are those the tokenizer inserted (task-delta.md, amended): here, the tokens
+whose `sequence_ids` entry is None, i.e. that belong to neither text.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from server.backbone import LAYOUTS, EncodedText
 
 
 class ReferenceTask:
-    def __init__(self, pristine_model: torch.nn.Module, delta: TaskDelta, special_ids: set[int]) -> None:
+    def __init__(self, pristine_model: torch.nn.Module, delta: TaskDelta) -> None:
         self.delta = delta
-        self.special_ids = special_ids
         self.model = copy.deepcopy(pristine_model).float().eval()
         layout = LAYOUTS[self.model.config.model_type]
         with torch.no_grad():
@@ -66,8 +67,8 @@ class ReferenceTask:
     @torch.no_grad()
     def logits(self, text: EncodedText) -> torch.Tensor:
         slots, count = [], 0
-        for token in text.input_ids:
-            if token in self.special_ids:
+        for sequence in text.sequence_ids:
+            if sequence is None:
                 slots.append(count)
                 count += 1
             else:

@@ -24,14 +24,16 @@ TEXTS = [
     "John Smith flew from New York to Paris on Monday.",
     ("short", "a somewhat longer second sentence that makes this pair the longest input of them all"),
     "ok",
+    # tokenizer-inserted tokens only are PASTA slots: an emoji ([UNK]), a typed [MASK] or [SEP] are text
+    "a 🤖 delight , truly ✨ - see it .",
+    ("typed [MASK] and 🤖", "a [SEP] typed too"),
 ]
 
 
 def _engine_and_refs(backbone: Backbone, pristine, deltas):
     engine = Engine(backbone)
     prepared = [prepare(d, backbone, f"task{i}", 1) for i, d in enumerate(deltas)]
-    special = set(backbone.special_ids)
-    refs = [ReferenceTask(pristine, d, special) for d in deltas]
+    refs = [ReferenceTask(pristine, d) for d in deltas]
     return engine, prepared, refs
 
 

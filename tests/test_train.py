@@ -79,7 +79,7 @@ def setup(backbone: Backbone, method: str, task_type: str = "sequence-classifica
 def logits_of(model: DeltaModel, batch: dict) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return model.run(batch)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -89,7 +89,7 @@ def test_one_step_lowers_the_loss(tokenizer, method):
     optimizer = optimizer_for(model, m, settings)
     before = loss_fn(logits_of(model, batch), batch["labels"])
     model.train()
-    loss = loss_fn(model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")), batch["labels"])
+    loss = loss_fn(model.run(batch), batch["labels"])
     loss.backward()
     body = [p for p in model.trainable_parameters() if all(p is not q for q in model.classifier.parameters())]
     assert body and any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in body), "method params get no grad"
@@ -137,8 +137,7 @@ def _exported(tokenizer, method, task_type, pairs, overrides):
     _, m, model, batch = setup(backbone, method, task_type, pairs, head_pooler, **overrides)
     perturb(model, method)
     if method == "dsee":
-        m.total_epochs(1)
-        assert m.on_epoch_end(model, 1)
+        m.before_phase(model, 1)  # prune, as between DSEE's phases
     from adapters_store.format import DeltaMeta
 
     meta = DeltaMeta(method=method, task_type=task_type, labels=tuple(examples(task_type, pairs)[1]),
@@ -162,8 +161,8 @@ def _texts(task_type: str, pairs: bool) -> list:
     if task_type == "token-classification":
         return [" ".join(words) for words, _ in NER]
     if pairs:
-        return [(a, b) for a, b, _ in PAIRS]
-    return [t for t, _ in SENTENCES]
+        return [(a, b) for a, b, _ in PAIRS] + [("a 🤖 [MASK] b .", "c [UNK] [SEP] d")]
+    return [t for t, _ in SENTENCES + EVAL_SENTENCES]
 
 
 @pytest.mark.parametrize(("method", "task_type", "pairs", "overrides"), CASES)
@@ -180,8 +179,11 @@ def test_engine_serves_exactly_what_was_trained(tokenizer, method, task_type, pa
     for text, out in zip(encoded, outs, strict=True):
         ids = torch.tensor([text.input_ids])
         types = torch.tensor([text.token_type_ids]) if text.token_type_ids is not None else None
-        expected = logits_of(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                     "token_type_ids": types})[0]
+        single = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "special_tokens_mask": torch.tensor([text.special_tokens_mask])}
+        if types is not None:
+            single["token_type_ids"] = types
+        expected = logits_of(model, single)[0]
         assert out.shape == expected.shape
         assert torch.allclose(out, expected, atol=1e-5, rtol=0), (out - expected).abs().max()
 
@@ -219,16 +221,28 @@ def tiny_folder(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-def _write_sst(folder: Path) -> Path:
-    path = folder / "sst.tsv"
-    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in SENTENCES * 3))
+EVAL_SENTENCES = [
+    ("a 🤖 delight , truly ✨ - see it .", "1"),  # emoji: [UNK] tokens in the text
+    ("typing [MASK] here does not make it special", "0"),
+    ("funny and warm", "1"),
+    ("a lifeless bore", "0"),
+]
+
+
+def _write_sst(folder: Path, rows=SENTENCES * 3, name: str = "sst.tsv") -> Path:
+    path = folder / name
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
     return path
 
 
+def _write_eval(folder: Path) -> Path:
+    return _write_sst(folder, EVAL_SENTENCES, "eval.tsv")
+
+
 def test_train_command_writes_a_valid_delta_and_report(tmp_path, tiny_folder):
-    data = _write_sst(tmp_path)
+    data, evaluation = _write_sst(tmp_path), _write_eval(tmp_path)
     out, report = tmp_path / "d.safetensors", tmp_path / "r.json"
-    rc = main(["train", "--method", "pasta", "--train", str(data), "--eval", str(data), "--task-type",
+    rc = main(["train", "--method", "pasta", "--train", str(data), "--eval", str(evaluation), "--task-type",
                "sequence-classification", "--backbone", str(tiny_folder), "--epochs", "2", "--batch-size", "4",
                "--out", str(out), "--report", str(report), "--quiet"])
     assert rc == 0
@@ -236,8 +250,8 @@ def test_train_command_writes_a_valid_delta_and_report(tmp_path, tiny_folder):
     delta = parse_delta(out.read_bytes(), backbone.spec())
     assert delta.meta.labels == ("0", "1") and delta.pasta is not None
     rep = json.loads(report.read_text())
-    for key in ("eval_accuracy", "eval_f1", "eval_mcc", "trainable_params", "delta_bytes", "train_seconds",
-                "epochs", "method", "settings"):
+    for key in ("eval_accuracy", "eval_f1", "eval_mcc", "val_accuracy", "trainable_params", "delta_bytes",
+                "train_seconds", "steps", "epochs", "method", "settings", "validation", "selection", "budget"):
         assert key in rep
     assert rep["delta_bytes"] == out.stat().st_size and len(rep["history"]) == 2
 
@@ -246,19 +260,21 @@ def test_train_command_on_conll(tmp_path, tiny_folder):
     conll = tmp_path / "ner.txt"
     conll.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join(
         "\n".join(f"{w} NN {t}" for w, t in zip(words, tags, strict=True)) for words, tags in NER * 3) + "\n")
+    evaluation = tmp_path / "ner-eval.txt"
+    evaluation.write_text("Anna NN B-PER\nvisited NN O\nRome NN B-LOC\n")
     report = tmp_path / "r.json"
-    rc = main(["train", "--method", "lora", "--train", str(conll), "--eval", str(conll), "--task-type",
+    rc = main(["train", "--method", "lora", "--train", str(conll), "--eval", str(evaluation), "--task-type",
                "token-classification", "--backbone", str(tiny_folder), "--epochs", "1", "--report", str(report),
                "--out", str(tmp_path / "ner.safetensors"), "--quiet"])
     assert rc == 0
     rep = json.loads(report.read_text())
     assert rep["labels"] == ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-PER", "O"]
-    assert 0.0 <= rep["eval_f1"] <= 1.0 and rep["train_examples"] == 6
+    assert 0.0 <= rep["eval_f1"] <= 1.0 and rep["train_examples"] + rep["val_examples"] == 6
 
 
 def test_finetune_refuses_out(tmp_path, tiny_folder, capsys):
-    data = _write_sst(tmp_path)
-    rc = main(["train", "--method", "finetune", "--train", str(data), "--eval", str(data), "--task-type",
+    data, evaluation = _write_sst(tmp_path), _write_eval(tmp_path)
+    rc = main(["train", "--method", "finetune", "--train", str(data), "--eval", str(evaluation), "--task-type",
                "sequence-classification", "--backbone", str(tiny_folder), "--out", str(tmp_path / "x.safetensors")])
     assert rc == 2 and "no task delta can hold" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
@@ -289,9 +305,9 @@ def test_push_puts_the_delta_with_a_bearer_token(monkeypatch):
 
 
 def test_label_names_are_what_the_delta_serves(tmp_path, tiny_folder):
-    data = _write_sst(tmp_path)
+    data, evaluation = _write_sst(tmp_path), _write_eval(tmp_path)
     out, report = tmp_path / "d.safetensors", tmp_path / "r.json"
-    common = ["train", "--method", "pasta", "--train", str(data), "--eval", str(data), "--task-type",
+    common = ["train", "--method", "pasta", "--train", str(data), "--eval", str(evaluation), "--task-type",
               "sequence-classification", "--backbone", str(tiny_folder), "--epochs", "1", "--batch-size", "4",
               "--quiet"]
     assert main([*common, "--label-names", "negative,positive", "--out", str(out), "--report", str(report)]) == 0
@@ -301,3 +317,92 @@ def test_label_names_are_what_the_delta_serves(tmp_path, tiny_folder):
     assert rep["labels"] == ["negative", "positive"] and rep["data_labels"] == ["0", "1"]
     with pytest.raises(ValueError, match="2 distinct names"):
         main([*common, "--label-names", "negative,positive,neutral"])
+
+
+# --------------------------------------------------------------------------- PASTA slots
+
+
+def test_special_slots_are_only_the_tokens_the_tokenizer_inserted(tokenizer):
+    backbone = make_tiny_backbone(tokenizer)
+    texts = ["a 🤖 delight , truly ✨ - see it .", "typing [MASK] here", ("a 🤖 [MASK] b", "c [UNK] [SEP] d")]
+    encoded = backbone.encode(texts)
+    slots = backbone.special_slots(encoded)
+    for row, (text, enc) in enumerate(zip(texts, encoded, strict=True)):
+        tokens = tokenizer.convert_ids_to_tokens(enc.input_ids)
+        assert "[UNK]" in tokens or "[MASK]" in tokens  # the case under test is really there
+        row_slots = slots[row, : len(tokens)].tolist()
+        inserted = [0, len(tokens) - 1] if isinstance(text, str) else \
+            [0, enc.sequence_ids.index(1) - 1, len(tokens) - 1]
+        assert [p for p, s in enumerate(row_slots) if s >= 0] == inserted
+        assert [row_slots[p] for p in inserted] == list(range(len(inserted)))
+        for p, token in enumerate(tokens):
+            if token in ("[UNK]", "[MASK]") or (token == "[SEP]" and p not in inserted):
+                assert row_slots[p] == -1, (text, p, token)
+    # the trainer's batches mark the same tokens, so it trains what the engine serves
+    exs = [Example(t, None, "0") if isinstance(t, str) else Example(t[0], t[1], "0") for t in texts[:2]]
+    batch = collate(encode(exs, backbone, ["0"], "sequence-classification", 64), backbone.pad_id)
+    assert torch.equal(Backbone.slots_from_mask(batch["special_tokens_mask"]), backbone.special_slots(encoded[:2]))
+
+
+# --------------------------------------------------------------------------- validation and budget
+
+
+def test_validation_split_is_disjoint_from_training_rows_and_from_eval(tmp_path):
+    from training.trainer import load_data
+
+    rows = SENTENCES * 3 + [(f"sentence number {i}", str(i % 2)) for i in range(40)] + [EVAL_SENTENCES[2]]
+    train_file, eval_file = _write_sst(tmp_path, rows), _write_eval(tmp_path)
+    settings = TrainSettings(method="lora", task_type="sequence-classification", train=str(train_file),
+                             eval=str(eval_file), val_fraction=0.25)
+    train_rows, val_rows, eval_rows, source = load_data(settings)
+    key = lambda e: (e.text, e.pair)  # noqa: E731
+    assert val_rows and len(train_rows) + len(val_rows) == len(rows)
+    assert not {key(e) for e in val_rows} & {key(e) for e in train_rows}  # repeated sentences stay on one side
+    assert not {key(e) for e in val_rows} & {key(e) for e in eval_rows}
+    assert abs(len(val_rows) - 0.25 * len(rows)) <= 3 and "carved" in source
+    assert load_data(settings)[1] == val_rows  # seeded
+    # a --val file is the validation set, and its inputs leave the training side
+    val_file = _write_sst(tmp_path, SENTENCES[:2], "val.tsv")
+    settings.val = str(val_file)
+    train_rows, val_rows, _, source = load_data(settings)
+    assert [key(e) for e in val_rows] == [(t, None) for t, _ in SENTENCES[:2]] and "--val file" in source
+    assert not {key(e) for e in val_rows} & {key(e) for e in train_rows}
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tmp_path, tiny_folder):
+    data, evaluation = _write_sst(tmp_path), _write_eval(tmp_path)
+    report = tmp_path / "r.json"
+    # nothing can change at learning rate 0, so the first epoch stays the best
+    rc = main(["train", "--method", "lora", "--train", str(data), "--eval", str(evaluation), "--task-type",
+               "sequence-classification", "--backbone", str(tiny_folder), "--lr", "0", "--head-lr", "0",
+               "--patience", "2", "--max-epochs", "8", "--batch-size", "4", "--report", str(report), "--quiet"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    assert rep["epochs"] == 3 and rep["best_epoch"] == 1 and len(rep["history"]) == 3
+    assert rep["budget"] == "early stopping on validation" and "stopped at epoch 3" in rep["stopped"][0]
+    assert rep["steps"] == 3 * -(-rep["train_examples"] // 4)
+
+
+@pytest.mark.parametrize("method", ["pasta", "dsee"])
+def test_served_delta_reproduces_the_reported_metric(tmp_path, tiny_folder, method):
+    from server.delta import prepare_delta
+    from server.engine import Engine, Row
+
+    data, evaluation = _write_sst(tmp_path), _write_eval(tmp_path)
+    out, report = tmp_path / "d.safetensors", tmp_path / "r.json"
+    rc = main(["train", "--method", method, "--train", str(data), "--eval", str(evaluation), "--task-type",
+               "sequence-classification", "--backbone", str(tiny_folder), "--epochs", "2", "--lr", "0.05",
+               "--batch-size", "4", "--out", str(out), "--report", str(report), "--quiet"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    if method == "dsee":
+        assert [h["phase"] for h in rep["history"]] == ["dense", "dense", "retrain", "retrain"]
+        assert rep["best_epoch"] >= 3  # only the pruned model is exported
+    backbone = Backbone.load(tiny_folder, device="cpu")
+    engine = Engine(backbone)
+    prepared = prepare_delta(out.read_bytes(), backbone, name="t", version=1)
+    encoded = backbone.encode([t for t, _ in EVAL_SENTENCES], prepared.meta.max_length)
+    logits = engine.forward([Row(delta=prepared, text=e) for e in encoded])
+    predicted = [prepared.meta.labels[int(x.argmax())] for x in logits]
+    served = sum(p == y for p, (_, y) in zip(predicted, EVAL_SENTENCES, strict=True)) / len(EVAL_SENTENCES)
+    assert served == rep["eval_accuracy"]

@@ -53,8 +53,7 @@ def test_dsee_unstructured_pruning_ratio_is_exact_per_group(tokenizer):
     with torch.no_grad():
         for module in model.deltas.values():
             module.lora_B.normal_()  # type: ignore[union-attr]
-    method.total_epochs(1)
-    assert method.on_epoch_end(model, 1)
+    method.before_phase(model, 1)
     adapted = set(method.adapted(model))
     for group in (adapted, set(model.deltas) - adapted):
         total = sum(model.deltas[n].weight.numel() for n in group)
@@ -82,8 +81,7 @@ def test_head_pruning_removes_the_heads_with_the_smallest_update(tokenizer):
                 module.lora_B.fill_(1.0)  # type: ignore[union-attr]
                 module.lora_B[8 * layer:8 * layer + 8] = 0.0  # type: ignore[index]
                 module.sparse_value.zero_()  # type: ignore[union-attr]
-    method.total_epochs(1)
-    method.on_epoch_end(model, 1)
+    method.before_phase(model, 1)
     for layer in range(backbone.num_layers):
         expected = [1] * 4
         expected[layer] = 0

@@ -19,16 +19,25 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--method", required=True, choices=list(registry()))
     train.add_argument("--train", required=True, help="training file: .tsv, .csv, .jsonl, or CoNLL")
-    train.add_argument("--eval", required=True, help="evaluation file, same format")
+    train.add_argument("--eval", required=True,
+                       help="evaluation file, same format: only reported, never used to choose an epoch")
+    train.add_argument("--val", help="validation file that chooses the epoch and stops training (default: a "
+                       "seeded --val-fraction of the training file)")
+    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--max-val-examples", type=int, default=1000, help="cap on the carved validation split")
     train.add_argument("--task-type", required=True, choices=("sequence-classification", "token-classification"))
     train.add_argument("--text-column", help="name (or 0-based index) of the text column")
     train.add_argument("--text-pair-column", help="second text of a pair")
     train.add_argument("--label-column")
     train.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    train.add_argument("--epochs", type=int, help="fixed budget (default: stop when the validation score has not "
+                       "improved for the method's patience, under the method's cap)")
+    train.add_argument("--max-epochs", type=int, help="cap under early stopping (default: the method's)")
+    train.add_argument("--patience", type=int, help="epochs without improvement before stopping (default: method's)")
+    train.add_argument("--lr", type=float, help="learning rate (default: the method's recipe)")
     train.add_argument("--head-lr", type=float,
                        help="classifier learning rate (default: the method's head lr, else --lr)")
+    train.add_argument("--warmup-ratio", type=float, help="warm-up share of the capped steps (default: method's)")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--max-length", type=int, default=128)
     train.add_argument("--seed", type=int, default=42)
@@ -36,7 +45,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-eval-examples", type=int, help="evaluate on a seeded random subset")
     train.add_argument("--head-pooler", action="store_true", help="train a task pooler (head.pooler) too")
     train.add_argument("--word-piece", choices=("first", "last"), default="first")
-    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: the fastest of 1, 2, 4... measured)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="autocast on CUDA (auto: bf16 where supported, else fp16; fp32 on CPU)")
     train.add_argument("--description", default="")
     train.add_argument("--label-names", help="comma-separated names to serve for the data's labels, in class-id "
                        "order (the data's labels sorted), e.g. negative,positive for SST-2's 0,1")
@@ -71,6 +83,9 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     settings = TrainSettings(
         method=args.method, task_type=args.task_type, train=args.train, eval=args.eval,
+        val=args.val, val_fraction=args.val_fraction, max_val_examples=args.max_val_examples,
+        max_epochs=args.max_epochs, patience=args.patience, warmup_ratio=args.warmup_ratio,
+        device=args.device, precision=args.precision,
         text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
         backbone=args.backbone, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, max_train_examples=args.max_train_examples,
@@ -103,7 +118,7 @@ def run_import_peft(args: argparse.Namespace) -> int:
     from training.peft_import import import_peft
     from training.trainer import write_atomic
 
-    backbone = Backbone.load(args.backbone, device="cpu")
+    backbone = Backbone.load(args.backbone, device="cpu")  # conversion only: no compute
     labels = args.labels.split(",") if args.labels else None
     delta = import_peft(args.dir, backbone, labels=labels, task_type=args.task_type, max_length=args.max_length)
     data = delta.to_bytes()

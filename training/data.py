@@ -131,6 +131,7 @@ class Encoded:
     label: int | list[int]  # class id, or per-token ids with IGNORE
     word_tokens: list[int] | None = None  # token index of each word (-1: truncated away)
     word_labels: list[int] | None = None  # gold class id of each word
+    special_tokens_mask: list[int] | None = None  # tokenizer-inserted tokens (PASTA's slots)
 
 
 def encode(examples: Sequence[Example], backbone: Backbone, labels: Sequence[str], task_type: str,
@@ -139,19 +140,21 @@ def encode(examples: Sequence[Example], backbone: Backbone, labels: Sequence[str
     tokenizer = backbone.tokenizer
     if task_type == "token-classification":
         enc = tokenizer([list(ex.text) for ex in examples], is_split_into_words=True, truncation=True,
-                        max_length=max_length)
+                        max_length=max_length, return_special_tokens_mask=True)
     elif any(ex.pair is not None for ex in examples):
         enc = tokenizer([ex.text for ex in examples], [ex.pair or "" for ex in examples],
-                        truncation="longest_first", max_length=max_length)
+                        truncation="longest_first", max_length=max_length, return_special_tokens_mask=True)
     else:
-        enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
+        enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length,
+                        return_special_tokens_mask=True)
     types = enc.get("token_type_ids") if backbone.uses_token_types else None
     out = []
     for i, ex in enumerate(examples):
         ids = list(enc["input_ids"][i])
         token_types = list(types[i]) if types is not None else None
+        special = list(enc["special_tokens_mask"][i])
         if task_type != "token-classification":
-            out.append(Encoded(ids, token_types, label_id[str(ex.label)]))
+            out.append(Encoded(ids, token_types, label_id[str(ex.label)], special_tokens_mask=special))
             continue
         word_labels = [label_id[t] for t in ex.label]
         word_tokens = [-1] * len(ex.text)
@@ -162,7 +165,7 @@ def encode(examples: Sequence[Example], backbone: Backbone, labels: Sequence[str
         for word, position in enumerate(word_tokens):
             if position >= 0:
                 token_labels[position] = word_labels[word]
-        out.append(Encoded(ids, token_types, token_labels, word_tokens, word_labels))
+        out.append(Encoded(ids, token_types, token_labels, word_tokens, word_labels, special))
     return out
 
 
@@ -189,6 +192,12 @@ def batches(data: Sequence[Encoded], batch_size: int, pad_id: int, *, shuffle: b
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     batch = pad_batch(items, pad_id)
     length = batch["input_ids"].shape[1]
+    if items[0].special_tokens_mask is not None:
+        special = torch.zeros((len(items), length), dtype=torch.bool)
+        for row, e in enumerate(items):
+            marks = e.special_tokens_mask or []
+            special[row, : len(marks)] = torch.tensor(marks, dtype=torch.bool)
+        batch["special_tokens_mask"] = special
     if isinstance(items[0].label, list):
         labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
         for row, e in enumerate(items):
@@ -197,3 +206,40 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     else:
         batch["labels"] = torch.tensor([e.label for e in items], dtype=torch.long)
     return batch
+
+
+def example_key(example: Example) -> tuple:
+    """What makes two examples the same input (their texts, not their labels)."""
+    return (example.text, example.pair)
+
+
+def split_validation(pool: Sequence[Example], *, fraction: float, limit: int | None, seed: int,
+                     exclude: Sequence[Example] = ()) -> tuple[list[Example], list[Example]]:
+    """(train, validation) carved from `pool` by a seeded draw of distinct inputs.
+
+    Validation takes whole groups of identical inputs (a sentence repeated in the training file
+    never sits on both sides) and never an input that is also in `exclude` (the evaluation file),
+    so choosing the epoch on it cannot peek at the evaluation data. Its size is
+    round(fraction · len(pool)), at most `limit`, at least 1 when the pool has 2 inputs or more.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, example in enumerate(pool):
+        groups.setdefault(example_key(example), []).append(index)
+    banned = {example_key(e) for e in exclude}
+    keys = [k for k in groups if k not in banned]
+    random.Random(seed).shuffle(keys)
+    want = round(fraction * len(pool))
+    if limit is not None:
+        want = min(want, limit)
+    if len(groups) >= 2:
+        want = max(want, 1)
+    chosen: set[tuple] = set()
+    taken = 0
+    for key in keys:
+        if taken >= want or len(chosen) + 1 >= len(groups):
+            break
+        chosen.add(key)
+        taken += len(groups[key])
+    train = [e for e in pool if example_key(e) not in chosen]
+    val = [e for e in pool if example_key(e) in chosen]
+    return train, val

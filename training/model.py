@@ -5,6 +5,11 @@ becomes a `DeltaLinear` computing `W ⊙ K + B·A + S` (with head keep zeroing i
 the attention output projection), PASTA vectors are added by forward pre-hooks on the layers,
 and the task head follows task-delta.md. Training therefore optimises exactly the function
 the engine serves, and `export()` / `load_delta()` convert to and from a `TaskDelta`.
+
+The dense formula itself is `adapters_store.formula.effective_weight` (one home, autograd-safe);
+swapping linears in place, the layer-input hooks, layer roles, PASTA slots and the head's pooler
+choice are `Backbone` methods shared with the baselines. Everything is created on the
+backbone's device, so the same code trains on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from adapters_store.format import (
     TaskDelta,
     TaskHead,
 )
+from adapters_store.formula import effective_weight
 from adapters_store.packing import pack_bits, unpack_bits
 from server.backbone import Backbone
 
@@ -82,22 +88,29 @@ class DeltaLinear(nn.Module):
         return self.sparse_value * self.sparse_scale
 
     def effective_weight(self) -> torch.Tensor:
-        weight = self.weight
         if self.scores is not None:
-            weight = weight * BinaryStep.apply(self.scores, self.tau)
-        elif self.keep is not None:
-            weight = weight * self.keep.to(weight.dtype)
-        if self.lora_A is not None:
-            weight = weight + self.folded_lora_B() @ self.lora_A
-        if self.sparse_value is not None:
-            assert self.sparse_index is not None
-            flat = weight.reshape(-1).index_add(0, self.sparse_index, self.folded_sparse_value())
-            weight = flat.view(self.out_features, self.in_features)
-        return weight
+            keep: torch.Tensor | None = BinaryStep.apply(self.scores, self.tau)
+        else:
+            keep = self.keep
+        return effective_weight(
+            self.weight, keep=keep,
+            lora_A=self.lora_A, lora_B=self.folded_lora_B() if self.lora_B is not None else None,
+            sparse_index=self.sparse_index,
+            sparse_value=self.folded_sparse_value() if self.sparse_value is not None else None,
+            input_keep=self.input_keep,
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (s·B)·A + S alone (the formula on a zero W), detached; what DSEE prunes by."""
+        with torch.no_grad():
+            return effective_weight(
+                torch.zeros(self.shape, dtype=self.weight.dtype, device=self.weight.device),
+                lora_A=self.lora_A, lora_B=self.folded_lora_B() if self.lora_B is not None else None,
+                sparse_index=self.sparse_index,
+                sparse_value=self.folded_sparse_value() if self.sparse_value is not None else None,
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_keep is not None:
-            x = x * self.input_keep.to(x.dtype)
         return F.linear(x, self.effective_weight(), self.bias)
 
 
@@ -116,18 +129,19 @@ class DeltaModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.encoder = backbone.model
+        self.device = backbone.device
         self.task_type = task_type
         self.word_piece = word_piece
         d = backbone.hidden_size
         classifier = nn.Linear(d, num_labels)
         nn.init.normal_(classifier.weight, std=0.02)
         nn.init.zeros_(classifier.bias)
-        self.classifier = DeltaLinear(classifier)
+        self.classifier = DeltaLinear(classifier.to(self.device))
         self.pooler: nn.Linear | None = None
         if head_pooler:
             if task_type != "sequence-classification":
                 raise ValueError("a task pooler is only for sequence classification")
-            self.pooler = nn.Linear(d, d)
+            self.pooler = nn.Linear(d, d, device=self.device)
             if backbone.has_pooler:  # start from the pretrained pooler: it already fits [CLS]
                 with torch.no_grad():
                     self.pooler.load_state_dict(self.encoder.get_submodule("pooler.dense").state_dict())
@@ -135,8 +149,7 @@ class DeltaModel(nn.Module):
         self.pasta: nn.Parameter | None = None
         self.head_keep: dict[int, torch.Tensor] = {}
         self._slots: torch.Tensor | None = None
-        for index, layer in enumerate(backbone.layers):
-            layer.register_forward_pre_hook(self._pasta_hook(index), with_kwargs=True)
+        Backbone.add_layer_input_hooks(backbone.layers, self._add_pasta)
 
     # ------------------------------------------------------------------ structure
 
@@ -146,46 +159,32 @@ class DeltaModel(nn.Module):
             return self.deltas[name]
         if name not in self.backbone.linear_modules:
             raise KeyError(f"the backbone has no linear module {name!r}")
-        parent_name, _, child = name.rpartition(".")
-        parent = self.encoder.get_submodule(parent_name) if parent_name else self.encoder
-        wrapped = DeltaLinear(getattr(parent, child))
-        setattr(parent, child, wrapped)
+        wrapped = Backbone.replace_module(self.encoder, name, DeltaLinear)
+        assert isinstance(wrapped, DeltaLinear)
         self.deltas[name] = wrapped
         return wrapped
 
     def layer_module(self, layer: int, role: str) -> str:
         """Full name of a layer's module by layout role (`query`, `ffn_in`, `attention_output`...)."""
-        layout = self.backbone.layout
-        return f"{layout.layers}.{layer}.{getattr(layout, role)}"
+        return self.backbone.layer_module(layer, role)
 
     def set_head_keep(self, layer: int, keep: torch.Tensor) -> None:
-        keep = keep.to(torch.uint8)
+        keep = keep.to(torch.uint8).cpu()
         self.head_keep[layer] = keep
-        columns = keep.repeat_interleave(self.backbone.head_dim).to(torch.float32)
+        columns = keep.repeat_interleave(self.backbone.head_dim).to(device=self.device, dtype=torch.float32)
         self.wrap(self.layer_module(layer, "attention_output")).input_keep = columns
 
     def init_pasta(self, slots: int) -> nn.Parameter:
-        self.pasta = nn.Parameter(torch.zeros(self.backbone.num_layers, slots, self.backbone.hidden_size))
+        self.pasta = nn.Parameter(torch.zeros(self.backbone.num_layers, slots, self.backbone.hidden_size,
+                                              device=self.device))
         return self.pasta
 
-    def _pasta_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self.pasta is None or self._slots is None:
-                return None
-            if args:
-                hidden = args[0]
-            else:
-                key = "hidden_states" if "hidden_states" in kwargs else "x"
-                hidden = kwargs[key]
-            slots = self.pasta.shape[1]
-            onehot = (self._slots.unsqueeze(-1) == torch.arange(slots, device=hidden.device)).to(hidden.dtype)
-            hidden = hidden + onehot @ self.pasta[layer].to(hidden.dtype)
-            if args:
-                return (hidden, *args[1:]), kwargs
-            kwargs[key] = hidden
-            return args, kwargs
-
-        return hook
+    def _add_pasta(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """vectors[layer, p] added at the p-th special token of each row (task-delta.md)."""
+        if self.pasta is None or self._slots is None:
+            return None
+        onehot = (self._slots.unsqueeze(-1) == torch.arange(self.pasta.shape[1], device=hidden.device))
+        return hidden + onehot.to(hidden.dtype) @ self.pasta[layer].to(hidden.dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -197,9 +196,16 @@ class DeltaModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        special_tokens_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits: [N, C] for sequence classification, [N, L, C] for token classification."""
-        self._slots = self.backbone.special_slots(input_ids) if self.pasta is not None else None
+        """Logits: [N, C] for sequence classification, [N, L, C] for token classification.
+
+        `special_tokens_mask` ([N, L], the tokenizer's) is needed when the model has PASTA vectors.
+        """
+        if self.pasta is not None:
+            if special_tokens_mask is None:
+                raise ValueError("PASTA needs the tokenizer's special_tokens_mask to find its slots")
+            self._slots = self.backbone.slots_from_mask(special_tokens_mask)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.backbone.uses_token_types:
             kwargs["token_type_ids"] = token_type_ids
@@ -210,14 +216,14 @@ class DeltaModel(nn.Module):
         hidden = out.last_hidden_state
         if self.task_type == "token-classification":
             return self.classifier(hidden)
-        first = hidden[:, 0]
-        if self.pooler is not None:
-            z = torch.tanh(self.pooler(first))
-        elif self.backbone.has_pooler:
-            z = self.encoder.pooler(hidden)
-        else:
-            z = first
-        return self.classifier(z)
+        pooled = out.pooler_output if self.backbone.has_pooler else None
+        return self.classifier(self.backbone.sequence_features(hidden, pooled, self.pooler))
+
+    def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`forward` on a collated batch (moved to the model's device; labels ignored)."""
+        return self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                    batch["token_type_ids"].to(self.device) if "token_type_ids" in batch else None,
+                    batch["special_tokens_mask"].to(self.device) if "special_tokens_mask" in batch else None)
 
     # ------------------------------------------------------------------ delta file
 
@@ -230,49 +236,50 @@ class DeltaModel(nn.Module):
             for name, module in sorted(self.deltas.items()):
                 mask = module.keep_mask()
                 if mask is not None:
-                    keep[name] = KeepMask(name, module.shape, pack_bits(mask))
+                    keep[name] = KeepMask(name, module.shape, pack_bits(mask.cpu()))
                 if module.lora_A is not None:
-                    low_rank[name] = LowRank(name, module.lora_A.detach().clone(),
-                                             module.folded_lora_B().detach().clone())
+                    low_rank[name] = LowRank(name, module.lora_A.detach().cpu().clone(),
+                                             module.folded_lora_B().detach().cpu().clone())
                 if module.sparse_value is not None and module.sparse_index is not None:
-                    sparse[name] = SparseUpdate(name, module.shape, module.sparse_index.clone(),
-                                                module.folded_sparse_value().detach().clone())
+                    sparse[name] = SparseUpdate(name, module.shape, module.sparse_index.cpu().clone(),
+                                                module.folded_sparse_value().detach().cpu().clone())
             head = TaskHead(
-                self.classifier.effective_weight().detach().clone(),
-                self.classifier.bias.detach().clone(),
-                self.pooler.weight.detach().clone() if self.pooler is not None else None,
-                self.pooler.bias.detach().clone() if self.pooler is not None else None,
+                self.classifier.effective_weight().detach().cpu().clone(),
+                self.classifier.bias.detach().cpu().clone(),
+                self.pooler.weight.detach().cpu().clone() if self.pooler is not None else None,
+                self.pooler.bias.detach().cpu().clone() if self.pooler is not None else None,
             )
             head_keep = {layer: HeadKeep(layer, keep_.clone()) for layer, keep_ in sorted(self.head_keep.items())}
-            pasta = PastaVectors(self.pasta.detach().clone()) if self.pasta is not None else None
+            pasta = PastaVectors(self.pasta.detach().cpu().clone()) if self.pasta is not None else None
         return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
 
     def load_delta(self, delta: TaskDelta) -> None:
         """Install a parsed delta's parts (frozen) so this model computes what it specifies."""
+        dev = self.device
         with torch.no_grad():
             for name, part in delta.keep.items():
-                self.wrap(name).keep = unpack_bits(part.packed, part.shape)
+                self.wrap(name).keep = unpack_bits(part.packed, part.shape).to(dev)
             for name, part in delta.low_rank.items():
                 module = self.wrap(name)
-                module.lora_A = nn.Parameter(part.A.float().clone(), requires_grad=False)
-                module.lora_B = nn.Parameter(part.B.float().clone(), requires_grad=False)
+                module.lora_A = nn.Parameter(part.A.float().to(dev).clone(), requires_grad=False)
+                module.lora_B = nn.Parameter(part.B.float().to(dev).clone(), requires_grad=False)
                 module.lora_scale = 1.0
             for name, part in delta.sparse.items():
                 module = self.wrap(name)
-                module.sparse_index = part.index.clone()
-                module.sparse_value = nn.Parameter(part.value.float().clone(), requires_grad=False)
+                module.sparse_index = part.index.to(dev).clone()
+                module.sparse_value = nn.Parameter(part.value.float().to(dev).clone(), requires_grad=False)
                 module.sparse_scale = 1.0
             for layer, part in delta.head_keep.items():
                 self.set_head_keep(layer, part.keep)
             if delta.pasta is not None:
-                self.pasta = nn.Parameter(delta.pasta.vectors.float().clone(), requires_grad=False)
+                self.pasta = nn.Parameter(delta.pasta.vectors.float().to(dev).clone(), requires_grad=False)
             head = delta.head
             num_labels, d = head.classifier_weight.shape
-            self.classifier = DeltaLinear(nn.Linear(d, num_labels))
+            self.classifier = DeltaLinear(nn.Linear(d, num_labels, device=dev))
             self.classifier.weight.copy_(head.classifier_weight.float())
             self.classifier.bias.copy_(head.classifier_bias.float())
             if head.pooler_weight is not None and head.pooler_bias is not None:
-                self.pooler = nn.Linear(d, d)
+                self.pooler = nn.Linear(d, d, device=dev)
                 self.pooler.weight.copy_(head.pooler_weight.float())
                 self.pooler.bias.copy_(head.pooler_bias.float())
         self.word_piece = delta.meta.word_piece

@@ -1,13 +1,23 @@
 """The training loop: data in, best-epoch delta and a JSON report out.
 
-One `train()` call reads the files, builds a `DeltaModel` on a fresh backbone, lets the method
-choose what trains, runs AdamW with linear warmup/decay (tqdm shows loss and examples/s),
-evaluates after every epoch and keeps the best epoch's delta bytes, already validated by
-`parse_delta` against the backbone.
+One `train()` call reads the files, carves a validation split out of the training data (or
+reads `--val`), builds a `DeltaModel` on a fresh backbone, lets the method choose what trains,
+and runs AdamW with linear warm-up and decay, phase by phase (DSEE: dense, then prune and
+retrain). After every epoch the model is scored on the validation split; by default training
+stops once that score has not improved for the recipe's patience (under a cap), and `--epochs`
+forces a fixed budget instead. The best validation epoch of the last phase is restored, exported
+(validated by `parse_delta` against the backbone) and only then scored on `--eval`, which is
+reported and never used to choose anything.
+
+Speed: the backbone's device (CUDA when present) with bf16 autocast there (fp16 with a gradient
+scaler where bf16 is missing); on CPU the thread count that measures fastest on a real batch
+(probed at start, unless `--threads`), since on shared cores more threads are often slower;
+batches bucketed by length so padding stays small (`training.data.batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,7 +32,16 @@ from tqdm import tqdm
 
 from adapters_store.format import DeltaMeta, parse_delta
 from server.backbone import Backbone
-from training.data import IGNORE, Encoded, Example, batches, encode, label_set, read_examples
+from training.data import (
+    IGNORE,
+    Encoded,
+    Example,
+    batches,
+    encode,
+    label_set,
+    read_examples,
+    split_validation,
+)
 from training.methods import Method, TaskInfo
 from training.metrics import accuracy, binary_f1, entity_f1, mcc
 from training.model import DeltaModel
@@ -34,11 +53,16 @@ class TrainSettings:
     task_type: str
     train: str
     eval: str
+    val: str | None = None  # validation file; None: a seeded fraction of the training data
+    val_fraction: float = 0.1
+    max_val_examples: int | None = 1000  # a carved split stops here (it is scored every epoch)
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
     backbone: str | None = None
-    epochs: int = 3
+    epochs: int | None = None  # fixed budget; None: early stopping under max_epochs
+    max_epochs: int | None = None  # None: the method's recipe
+    patience: int | None = None  # None: the method's recipe
     lr: float | None = None
     head_lr: float | None = None
     batch_size: int = 32
@@ -48,8 +72,10 @@ class TrainSettings:
     max_eval_examples: int | None = None
     head_pooler: bool = False
     word_piece: str = "first"
-    warmup_ratio: float = 0.06
-    threads: int | None = None
+    warmup_ratio: float | None = None  # None: the method's recipe
+    threads: int | None = None  # None: probe on CPU
+    device: str | None = None  # None: cuda when available, else cpu
+    precision: str = "auto"  # auto (bf16/fp16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     out: str | None = None
     report: str | None = None
     description: str = ""
@@ -74,15 +100,17 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
-def evaluate(model: DeltaModel, data: list[Encoded], labels: list[str], batch_size: int) -> dict[str, float]:
+def evaluate(model: DeltaModel, data: list[Encoded], labels: list[str], batch_size: int,
+             autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
     """eval_accuracy always; eval_f1 (binary or entity-level) and eval_mcc where they apply."""
     model.eval()
     gold: list = []
     pred: list = []
     with torch.no_grad():
         for group, batch in batches(data, batch_size * 2, model.backbone.pad_id, shuffle=False):
-            logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            best = logits.argmax(-1)
+            with autocast or contextlib.nullcontext():
+                logits = model.run(batch)
+            best = logits.argmax(-1).cpu()
             for row, index in enumerate(group):
                 item = data[index]
                 if item.word_tokens is None:
@@ -132,15 +160,21 @@ def build_model(settings: TrainSettings, method: Method, backbone: Backbone, lab
 
 
 def optimizer_for(model: DeltaModel, method: Method, settings: TrainSettings) -> torch.optim.Optimizer:
-    lr = settings.lr if settings.lr is not None else method.default_lr
+    lr = settings.lr if settings.lr is not None else method.recipe.lr
     # The head starts random; some methods want it faster than their own parameters (mask scores).
-    head_lr = settings.head_lr or method.default_head_lr or lr
+    head_lr = settings.head_lr if settings.head_lr is not None else (method.recipe.head_lr or lr)
     head_ids = {id(p) for p in model.classifier.parameters()}
     if model.pooler is not None:
         head_ids |= {id(p) for p in model.pooler.parameters()}
     body = [p for p in model.trainable_parameters() if id(p) not in head_ids]
     head = [p for p in model.trainable_parameters() if id(p) in head_ids]
     return torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.0)
+
+
+def schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total_steps` (the phase's cap)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(total_steps - s, 0) / max(total_steps - warmup, 1)))
 
 
 def served_label_names(data_labels: list[str], names: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -153,91 +187,221 @@ def served_label_names(data_labels: list[str], names: tuple[str, ...] | None) ->
     return tuple(names)
 
 
-def train(settings: TrainSettings, method: Method, backbone: Backbone | None = None,
-          progress: bool = True) -> TrainResult:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    random.seed(settings.seed)
-    backbone = backbone or Backbone.load(settings.backbone, device="cpu", max_length=settings.max_length)
+def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
+    """The autocast context of a run and the precision it stands for."""
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return contextlib.nullcontext(), precision
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if device.type != "cuda":
+        raise ValueError(f"{precision} autocast is for CUDA; on CPU use fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype), precision
+
+
+def probe_threads(model: DeltaModel, batch: dict[str, torch.Tensor]) -> int:
+    """The CPU thread count with the fastest forward+backward on `batch` (1, 2, 4, ... up to the cores).
+
+    On cores shared with other jobs, OpenMP oversubscription can make 2 threads several times
+    slower than 1, so this is measured, not assumed. RNG state and gradients are left as found.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    candidates = [n for n in (1, 2, 4, 8, 16) if n <= cores]
+    if len(candidates) == 1:
+        return 1
+    timings = {}
+    with torch.random.fork_rng(devices=[]):
+        model.train()
+        for n in candidates:
+            torch.set_num_threads(n)
+            best = float("inf")
+            for _ in range(2):  # the first run warms up allocator and kernels
+                tick = time.perf_counter()
+                loss_fn(model.run(batch), batch["labels"].to(model.device)).backward()
+                best = min(best, time.perf_counter() - tick)
+            timings[n] = best
+    model.zero_grad(set_to_none=True)
+    fastest = min(timings, key=lambda n: timings[n])
+    torch.set_num_threads(fastest)
+    return fastest
+
+
+def _snapshot(model: DeltaModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: DeltaModel, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def load_data(settings: TrainSettings) -> tuple[list[Example], list[Example], list[Example], str]:
+    """(train, validation, evaluation) examples and a sentence saying where validation came from."""
     read = {"task_type": settings.task_type, "text_column": settings.text_column,
             "pair_column": settings.text_pair_column, "label_column": settings.label_column}
-    train_examples = subsample(read_examples(settings.train, **read), settings.max_train_examples, settings.seed)
+    pool = subsample(read_examples(settings.train, **read), settings.max_train_examples, settings.seed)
     eval_examples = subsample(read_examples(settings.eval, **read), settings.max_eval_examples, settings.seed)
-    labels = label_set(train_examples + eval_examples)
+    if settings.val:
+        val = read_examples(settings.val, **read)
+        # identical inputs leave the training side, so the validation score is not a training score
+        val_keys = {(e.text, e.pair) for e in val}
+        train_examples = [e for e in pool if (e.text, e.pair) not in val_keys]
+        source = f"--val file {settings.val} ({len(val)} examples)"
+    else:
+        train_examples, val = split_validation(pool, fraction=settings.val_fraction,
+                                               limit=settings.max_val_examples, seed=settings.seed,
+                                               exclude=eval_examples)
+        source = (f"{len(val)} examples carved from the training file (seed {settings.seed}, "
+                  f"{settings.val_fraction:.0%} capped at {settings.max_val_examples}), disjoint from the "
+                  f"training rows and from --eval")
+    if not train_examples or not val:
+        raise ValueError(f"{settings.train}: too few examples to train and validate "
+                         f"({len(train_examples)} train, {len(val)} validation)")
+    return train_examples, val, eval_examples, source
+
+
+def train(settings: TrainSettings, method: Method, backbone: Backbone | None = None,
+          progress: bool = True) -> TrainResult:
+    random.seed(settings.seed)
+    backbone = backbone or Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
+    train_examples, val_examples, eval_examples, val_source = load_data(settings)
+    labels = label_set(train_examples + val_examples + eval_examples)
     served_labels = served_label_names(labels, settings.label_names)
     pairs = any(ex.pair is not None for ex in train_examples)
     model = build_model(settings, method, backbone, labels, pairs)
-    train_data = encode(train_examples, backbone, labels, settings.task_type, settings.max_length, settings.word_piece)
-    eval_data = encode(eval_examples, backbone, labels, settings.task_type, settings.max_length, settings.word_piece)
+    enc = {"backbone": backbone, "labels": labels, "task_type": settings.task_type,
+           "max_length": settings.max_length, "word_piece": settings.word_piece}
+    train_data, val_data, eval_data = (encode(x, **enc) for x in (train_examples, val_examples, eval_examples))
+    autocast, precision = autocast_for(model.device, settings.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    if model.device.type == "cpu":
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        else:
+            _, probe = next(batches(train_data, settings.batch_size, backbone.pad_id, shuffle=True,
+                                    rng=random.Random(settings.seed)))
+            probe_threads(model, probe)
 
-    optimizer = optimizer_for(model, method, settings)
-    epochs = method.total_epochs(settings.epochs)
+    recipe = method.recipe
+    phases = method.phases(settings.epochs, settings.max_epochs or recipe.max_epochs,
+                           settings.patience if settings.patience is not None else recipe.patience)
+    warmup_ratio = settings.warmup_ratio if settings.warmup_ratio is not None else recipe.warmup_ratio
     steps_per_epoch = (len(train_data) + settings.batch_size - 1) // settings.batch_size
-    total_steps = max(epochs * steps_per_epoch, 1)
-    warmup = int(settings.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(total_steps - s, 0) / max(total_steps - warmup, 1)))
     meta = DeltaMeta(method=method.name, task_type=settings.task_type,  # type: ignore[arg-type]
                      labels=served_labels, backbone_fingerprint=backbone.fingerprint,
                      max_length=settings.max_length, word_piece=settings.word_piece,
                      description=settings.description)
     rng = random.Random(settings.seed)
+    select = "f1" if settings.task_type == "token-classification" else "accuracy"
     history: list[dict] = []
+    steps = 0
+    epoch = 0
+    stopped: list[str] = []
     best: dict | None = None
-    best_bytes: bytes | None = None
-    select = "eval_f1" if settings.task_type == "token-classification" else "eval_accuracy"
     started = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        seen, running, tick = 0, 0.0, time.perf_counter()
-        bar = tqdm(batches(train_data, settings.batch_size, backbone.pad_id, shuffle=True, rng=rng),
-                   total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", disable=not progress, mininterval=2)
-        for step, (_, batch) in enumerate(bar, 1):
-            logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            loss = loss_fn(logits, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += batch["input_ids"].shape[0]
-            running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{seen / (time.perf_counter() - tick):.1f}")
-        changed = method.on_epoch_end(model, epoch)
-        metrics = evaluate(model, eval_data, labels, settings.batch_size)
-        history.append({"epoch": epoch, "train_loss": running, **metrics,
-                        "seconds": round(time.perf_counter() - started, 1)})
-        if progress:
-            tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if changed:
-            best, best_bytes = None, None  # earlier epochs are another model (e.g. before pruning)
-        if best is None or metrics[select] > best[select]:
-            best = {"epoch": epoch, **metrics}
-            best_bytes = model.export(meta).to_bytes() if method.exports else None
+    for index, phase in enumerate(phases):
+        if index > 0:
+            assert best is not None
+            _restore(model, best["state"])  # the next phase starts from this phase's best epoch
+            method.before_phase(model, index)
+        optimizer = optimizer_for(model, method, settings)
+        total_steps = max(phase.epochs * steps_per_epoch, 1)
+        scheduler = schedule(optimizer, total_steps, min(int(warmup_ratio * total_steps), steps_per_epoch))
+        best, since_best = None, 0  # earlier phases' epochs are another model: they never compete
+        for phase_epoch in range(1, phase.epochs + 1):
+            epoch += 1
+            running = _train_epoch(model, optimizer, scheduler, scaler, autocast, train_data, settings, rng,
+                                   f"{phase.name} {phase_epoch}/{phase.epochs}", steps_per_epoch, progress)
+            steps += steps_per_epoch
+            scores = evaluate(model, val_data, labels, settings.batch_size, autocast)
+            history.append({"epoch": epoch, "phase": phase.name, "steps": steps, "train_loss": running,
+                            **{k.replace("eval_", "val_"): v for k, v in scores.items()},
+                            "seconds": round(time.perf_counter() - started, 1)})
+            if progress:
+                tqdm.write(f"epoch {epoch} ({phase.name}): " + ", ".join(f"{k.replace('eval_', 'val_')}={v:.4f}"
+                                                                          for k, v in scores.items()))
+            if best is None or scores[f"eval_{select}"] > best["score"]:
+                best = {"epoch": epoch, "score": scores[f"eval_{select}"], "state": _snapshot(model),
+                        "val": {k.replace("eval_", "val_"): v for k, v in scores.items()}}
+                since_best = 0
+            else:
+                since_best += 1
+            if not phase.fixed and since_best >= phase.patience:
+                stopped.append(f"{phase.name}: no better validation {select} for {phase.patience} epoch(s) "
+                               f"after epoch {best['epoch']}; stopped at epoch {epoch}")
+                break
+        else:
+            kind = "its fixed" if phase.fixed else "to its cap of"
+            stopped.append(f"{phase.name}: ran {kind} {phase.epochs} epoch(s)")
     train_seconds = time.perf_counter() - started
     assert best is not None
+    _restore(model, best["state"])
+    best_bytes = model.export(meta).to_bytes() if method.exports else None
     if best_bytes is not None:
         parse_delta(best_bytes, backbone.spec())  # never hand out a file the server would refuse
+    tick = time.perf_counter()
+    metrics = evaluate(model, eval_data, labels, settings.batch_size, autocast)
+    eval_seconds = time.perf_counter() - tick
     report = {
-        **{k: v for k, v in best.items() if k.startswith("eval_")},
+        **metrics,
+        **best["val"],
         "best_epoch": best["epoch"],
-        "epochs": epochs,
+        "epochs": epoch,
+        "steps": steps,
+        "selection": f"best epoch of the last phase by validation {select}; --eval is only reported",
+        "validation": val_source,
+        "budget": "fixed (--epochs)" if settings.epochs is not None else "early stopping on validation",
+        "stopped": stopped,
         "method": method.name,
         "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
         "delta_bytes": len(best_bytes) if best_bytes is not None else None,
         "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
         "train_examples": len(train_data),
+        "val_examples": len(val_data),
         "eval_examples": len(eval_data),
         "labels": list(served_labels),
         "data_labels": labels,
         "backbone": backbone.name,
         "backbone_fingerprint": backbone.fingerprint,
+        "device": str(model.device),
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
         "settings": asdict(settings),
+        "recipe": asdict(recipe),
         "method_config": method.describe(),
         "history": history,
-        "torch_threads": torch.get_num_threads(),
     }
     if best_bytes is not None and settings.out:
         write_atomic(settings.out, best_bytes)
     if settings.report:
         write_atomic(settings.report, (json.dumps(report, indent=2) + "\n").encode())
     return TrainResult(report, best_bytes, model)
+
+
+def _train_epoch(model: DeltaModel, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                 autocast: contextlib.AbstractContextManager, data: list[Encoded], settings: TrainSettings,
+                 rng: random.Random, desc: str, total: int, progress: bool) -> float:
+    """One pass over `data`; returns the smoothed training loss."""
+    model.train()
+    seen, running, tick = 0, 0.0, time.perf_counter()
+    bar = tqdm(batches(data, settings.batch_size, model.backbone.pad_id, shuffle=True, rng=rng),
+               total=total, desc=desc, disable=not progress, mininterval=2)
+    for step, (_, batch) in enumerate(bar, 1):
+        with autocast:
+            logits = model.run(batch)
+        loss = loss_fn(logits.float(), batch["labels"].to(model.device))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        seen += batch["input_ids"].shape[0]
+        value = loss.item()
+        running = value if step == 1 else 0.98 * running + 0.02 * value
+        bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{seen / (time.perf_counter() - tick):.1f}")
+    return running

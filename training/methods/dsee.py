@@ -2,8 +2,10 @@
 
 Phase 1: for query and value, a low-rank update B·A (rank 8; A random, B zero) plus a sparse
 update S on a support Ω of the 16 largest |S| of a GreBsmo split of the pretrained weight,
-both scaled alpha/r. Phase 2 (after `--epochs`) prunes the pretrained weights and retrains for
-`--dsee-retrain-epochs`:
+both scaled alpha/r. Phase 1 trains (early-stopped on the validation split, or `--epochs`); its
+best epoch is restored, then phase 2 prunes the pretrained weights and retrains (the paper's
+prune-then-retrain) for up to `--dsee-retrain-epochs`, early-stopped with patience 1 (exactly
+that many under `--epochs`):
 - unstructured: drop exactly `ratio` of the weights, ranked globally across layers by |ΔW|
   among the adapted modules and by |W| among the other encoder linears (each group at the
   ratio, since the two scores are not comparable); exported as keep masks;
@@ -19,12 +21,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from server.backbone import LAYER_ROLES
 from training.grebsmo import sparse_support
-from training.methods import Method, TaskInfo
+from training.methods import Method, Phase, Recipe, TaskInfo
 from training.methods.lora import add_low_rank
 from training.model import DeltaLinear, DeltaModel
-
-LAYER_ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
 
 
 @dataclass
@@ -37,25 +38,19 @@ class DseeConfig:
     prune: str = "unstructured"  # unstructured | structured | none
     ratio: float = 0.2
     heads: int = 1
-    retrain_epochs: int = 1
+    retrain_epochs: int = 2
 
 
 def delta_weight(module: DeltaLinear) -> torch.Tensor:
-    """ΔW = (s·B)·A + S as a dense matrix."""
-    with torch.no_grad():
-        delta = torch.zeros(module.shape, dtype=module.weight.dtype)
-        if module.lora_A is not None:
-            delta += module.folded_lora_B() @ module.lora_A
-        if module.sparse_value is not None and module.sparse_index is not None:
-            delta.view(-1).index_add_(0, module.sparse_index, module.folded_sparse_value())
-    return delta
+    """ΔW = (s·B)·A + S as a dense matrix (the one formula, on a zero weight)."""
+    return module.delta_weight()
 
 
 def smallest_fraction(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """Keep masks dropping exactly round(ratio·total) of the entries with the smallest scores."""
     names = list(scores)
     flat = torch.cat([scores[name].reshape(-1) for name in names])
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     count = round(ratio * flat.numel())
     if count:
         keep[torch.topk(flat, count, largest=False).indices] = False
@@ -76,11 +71,11 @@ def heads_to_drop(delta_q: torch.Tensor, delta_v: torch.Tensor, num_heads: int, 
 
 class Dsee(Method):
     name = "dsee"
-    default_lr = 5e-4
+    # 2e-3 as LoRA (5e-4 and 1e-3 trailed fine-tuning by 3-5 points on SST-2 in RESULTS.md).
+    recipe = Recipe(lr=2e-3, max_epochs=10, patience=2)
 
     def __init__(self, config: DseeConfig) -> None:
         self.config = config
-        self.prune_epoch = 0
         self.pruned: dict[str, object] = {}
 
     def adapted(self, model: DeltaModel) -> list[str]:
@@ -96,23 +91,21 @@ class Dsee(Method):
             module.sparse_value = nn.Parameter(module.weight.new_zeros(c.sparse_k))
             module.sparse_scale = c.alpha / c.rank
 
-    def total_epochs(self, epochs: int) -> int:
-        self.prune_epoch = epochs
-        return epochs + (self.config.retrain_epochs if self.config.prune != "none" else 0)
+    def phases(self, epochs: int | None, max_epochs: int, patience: int) -> list[Phase]:
+        first = Phase("dense", epochs if epochs is not None else max_epochs, epochs is not None, patience)
+        if self.config.prune == "none" or self.config.retrain_epochs < 1:
+            return [first]
+        return [first, Phase("retrain", self.config.retrain_epochs, epochs is not None, 1)]
 
-    def on_epoch_end(self, model: DeltaModel, epoch: int) -> bool:
-        if epoch != self.prune_epoch or self.config.prune == "none":
-            return False
+    def before_phase(self, model: DeltaModel, index: int) -> None:
         if self.config.prune == "unstructured":
             self.prune_unstructured(model)
         else:
             self.prune_heads(model)
-        return True
 
     def prune_unstructured(self, model: DeltaModel) -> None:
         adapted = self.adapted(model)
-        others = [model.layer_module(layer, role) for layer in range(model.backbone.num_layers)
-                  for role in LAYER_ROLES if model.layer_module(layer, role) not in adapted]
+        others = [name for name in model.backbone.layer_modules(LAYER_ROLES) if name not in adapted]
         groups = [
             {name: delta_weight(model.deltas[name]).abs() for name in adapted},
             {name: model.wrap(name).weight.detach().abs() for name in others},

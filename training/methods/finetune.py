@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from training.methods import Method, TaskInfo
+from training.methods import Method, Recipe, TaskInfo
 from training.model import DeltaModel
 
 
 class Finetune(Method):
     name = "finetune"
     exports = False
-    default_lr = 1e-4
+    # 1e-4 for a 6-layer MiniLM (BERT-base recipes use 2e-5..5e-5; smaller models take more).
+    recipe = Recipe(lr=1e-4, max_epochs=10, patience=2)
 
     def setup(self, model: DeltaModel, task: TaskInfo) -> None:
         model.encoder.requires_grad_(True)

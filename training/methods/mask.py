@@ -17,16 +17,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from training.methods import Method, TaskInfo
+from server.backbone import LAYER_ROLES
+from training.methods import Method, Recipe, TaskInfo
 from training.model import DeltaLinear, DeltaModel
-
-ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
 
 
 @dataclass
 class MaskConfig:
     first_layer: int = 2
-    roles: tuple[str, ...] = ROLES
+    roles: tuple[str, ...] = LAYER_ROLES
     pooler: bool = True
     initial_sparsity: float = 0.05
     score_scale: float = 0.02
@@ -34,22 +33,22 @@ class MaskConfig:
 
 
 def add_scores(module: DeltaLinear, config: MaskConfig, generator: torch.Generator | None = None) -> None:
-    scores = torch.rand(module.shape, generator=generator) * config.score_scale
-    module.scores = nn.Parameter(scores.to(module.weight.dtype))
+    scores = torch.rand(module.shape, generator=generator) * config.score_scale  # CPU draw: same on any device
+    module.scores = nn.Parameter(scores.to(device=module.weight.device, dtype=module.weight.dtype))
     module.tau = config.initial_sparsity * config.score_scale
 
 
 class Mask(Method):
     name = "mask"
-    default_lr = 1e-4
-    default_head_lr = 1e-3  # the classifier starts random; scores move on the score scale
+    # Scores live on [0, 0.02) around tau = 0.001: Adam at 1e-4 moves a score across tau in ~10
+    # steps, and the classifier (random) learns at 1e-3.
+    recipe = Recipe(lr=1e-4, head_lr=1e-3, max_epochs=10, patience=2)
 
     def __init__(self, config: MaskConfig) -> None:
         self.config = config
 
     def modules(self, model: DeltaModel) -> list[str]:
-        names = [model.layer_module(layer, role)
-                 for layer in range(self.config.first_layer, model.backbone.num_layers) for role in self.config.roles]
+        names = model.backbone.layer_modules(self.config.roles, self.config.first_layer)
         if self.config.pooler and "pooler.dense" in model.backbone.linear_modules:
             names.append("pooler.dense")
         return names
