@@ -18,14 +18,18 @@ def _pct(value: float | None) -> str:
 
 
 def table(reports: Sequence[dict]) -> str:
-    lines = ["| task | method | accuracy | F1 | MCC | trainable params | delta bytes | train s | epochs (best) "
-             "| train examples |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per report. `val` is the validation score that chose the epoch; the evaluation columns
+    are measured once, on the restored best epoch."""
+    lines = ["| task | method | accuracy | F1 | MCC | val (selects) | trainable params | delta bytes | train s "
+             "| epochs (best) | steps | train / val examples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rep in sorted(reports, key=lambda r: (r["task"], ORDER.index(r["method"]))):
         size = f"{rep['delta_bytes']:,}" if rep.get("delta_bytes") else "– (no delta)"
+        val = rep.get("val_f1") if "token" in rep["settings"]["task_type"] else rep.get("val_accuracy")
         cells = [rep["task"], rep["method"], _pct(rep.get("eval_accuracy")), _pct(rep.get("eval_f1")),
-                 _pct(rep.get("eval_mcc")), f"{rep['trainable_params']:,}", size, f"{rep['train_seconds']:.0f}",
-                 f"{rep['epochs']} ({rep['best_epoch']})", f"{rep['train_examples']:,}"]
+                 _pct(rep.get("eval_mcc")), _pct(val), f"{rep['trainable_params']:,}", size,
+                 f"{rep['train_seconds']:.0f}", f"{rep['epochs']} ({rep['best_epoch']})", f"{rep.get('steps', '–')}",
+                 f"{rep['train_examples']:,} / {rep.get('val_examples', 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -39,11 +43,17 @@ def command(rep: dict) -> str:
                       ("--label-column", "label_column")):
         if s.get(key) is not None:
             parts.append(f"{flag} '{s[key]}'")
-    for flag, key in (("--max-train-examples", "max_train_examples"), ("--max-length", "max_length"),
-                      ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
-                      ("--head-lr", "head_lr"), ("--seed", "seed"), ("--threads", "threads"), ("--out", "out")):
+    for flag, key in (("--max-train-examples", "max_train_examples"),
+                      ("--epochs", "epochs"), ("--lr", "lr"), ("--head-lr", "head_lr"), ("--threads", "threads"),
+                      ("--val", "val"), ("--out", "out")):
         if s.get(key) is not None:
             parts.append(f"{flag} {s[key]}")
+    for flag, key, default in (("--batch-size", "batch_size", 32), ("--max-length", "max_length", 128),
+                               ("--seed", "seed", 42)):
+        if s.get(key) not in (None, default):
+            parts.append(f"{flag} {s[key]}")
+    if s.get("label_names"):
+        parts.append(f"--label-names {','.join(s['label_names'])}")
     if s.get("head_pooler"):
         parts.append("--head-pooler")
     if s.get("report"):

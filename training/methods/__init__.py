@@ -31,8 +31,8 @@ class Recipe:
 
     lr: float  # the method's own parameters (scores, vectors, low-rank factors, or every weight)
     head_lr: float | None = None  # the task head (starts random); None: same as lr
-    max_epochs: int = 10  # cap when early stopping decides the budget
-    patience: int = 2  # epochs without a better validation score before stopping
+    max_epochs: int = 8  # cap when early stopping decides the budget
+    patience: int = 1  # epochs without a better validation score before stopping
     warmup_ratio: float = 0.06  # linear warm-up over this share of the (capped) steps, then linear decay
 
 

@@ -72,7 +72,7 @@ def heads_to_drop(delta_q: torch.Tensor, delta_v: torch.Tensor, num_heads: int, 
 class Dsee(Method):
     name = "dsee"
     # 2e-3 as LoRA (5e-4 and 1e-3 trailed fine-tuning by 3-5 points on SST-2 in RESULTS.md).
-    recipe = Recipe(lr=2e-3, max_epochs=10, patience=2)
+    recipe = Recipe(lr=2e-3, max_epochs=6, patience=1)
 
     def __init__(self, config: DseeConfig) -> None:
         self.config = config

@@ -15,7 +15,7 @@ class Finetune(Method):
     name = "finetune"
     exports = False
     # 1e-4 for a 6-layer MiniLM (BERT-base recipes use 2e-5..5e-5; smaller models take more).
-    recipe = Recipe(lr=1e-4, max_epochs=10, patience=2)
+    recipe = Recipe(lr=1e-4, max_epochs=5, patience=1)
 
     def setup(self, model: DeltaModel, task: TaskInfo) -> None:
         model.encoder.requires_grad_(True)

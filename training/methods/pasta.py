@@ -24,7 +24,7 @@ class Pasta(Method):
     name = "pasta"
     # The paper trains 50-150 epochs at 5e-4..7e-3; with a CPU budget, a higher rate and more
     # epochs than the other methods (a larger cap and patience) get there in fewer steps.
-    recipe = Recipe(lr=1e-2, max_epochs=20, patience=3)
+    recipe = Recipe(lr=1e-2, max_epochs=12, patience=2)
 
     def __init__(self, config: PastaConfig) -> None:
         self.config = config
