@@ -83,7 +83,8 @@ def test_choose_block_m_prefers_tall_tiles_unless_they_waste() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("n", "k"), [(5, 7), (11, 13)])  # 35 and 143 bits: not multiples of 8
+# 35 and 143 bits: not multiples of 8; K = 24: whole bytes per weight row (the byte-wise path), 3 K tiles.
+@pytest.mark.parametrize(("n", "k"), [(5, 7), (11, 13), (9, 24)])
 def test_masked_linear_mixes_masked_and_plain_segments(dtype: torch.dtype, n: int, k: int) -> None:
     gen = torch.Generator().manual_seed(n * 100 + k)
     x = rand(sum(LENGTHS), k, dtype=dtype, gen=gen)

@@ -241,6 +241,28 @@ def _add_sparse(acc, seg, rows, row_ok, n0, K,
 
 
 @triton.jit
+def _keep_bits(keep_ptr, offs_n, n_ok, k, k_ok, k0, K,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BYTE_ALIGNED: tl.constexpr):
+    """The keep bits of the [BLOCK_K, BLOCK_N] tile of Wᵀ at rows k: bit n*K + k, most significant first.
+
+    When K is a multiple of 8 (every real encoder) a tile's bits along k are whole bytes: each byte
+    is loaded once and fanned out to its 8 bits. Otherwise every bit loads its own byte (K odd etc.).
+    """
+    if BYTE_ALIGNED:
+        byte_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        row_byte = offs_n.to(tl.int64) * (K // 8)  # int64: no overflow however large the weight
+        byte = tl.load(keep_ptr + row_byte[None, :] + byte_k[:, None],
+                       mask=(byte_k < K // 8)[:, None] & n_ok[None, :], other=0)  # [BLOCK_K // 8, BLOCK_N]
+        shift = (7 - tl.arange(0, 8)).to(tl.uint8)
+        bits = (byte[:, None, :] >> shift[None, :, None]) & 1  # [BLOCK_K // 8, 8, BLOCK_N]
+        return tl.reshape(bits, (BLOCK_K, BLOCK_N))
+    else:
+        bit = offs_n.to(tl.int64)[None, :] * K + k[:, None]
+        byte = tl.load(keep_ptr + (bit >> 3), mask=k_ok[:, None] & n_ok[None, :], other=0)
+        return (byte >> (7 - (bit & 7)).to(tl.uint8)) & 1
+
+
+@triton.jit
 def _lower_bound(ptr, n, value):
     """First position p in the ascending ptr[0:n] with ptr[p] ≥ value (n if none)."""
     lo = n * 0
@@ -298,7 +320,7 @@ def _autotuned(configs, key, restore_value=()):
     return triton.autotune(configs=configs, key=key, restore_value=list(restore_value))
 
 
-@_autotuned(_gemm_configs(), key=["N", "K", "BLOCK_M", "HAS_LORA", "HAS_SPARSE"])
+@_autotuned(_gemm_configs(), key=["N", "K", "BLOCK_M", "HAS_LORA", "HAS_SPARSE", "BYTE_ALIGNED"])
 @triton.jit
 def _masked_linear_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
@@ -308,7 +330,7 @@ def _masked_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_tm,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_SPARSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ELEM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ELEM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BYTE_ALIGNED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # fastest: neighbouring programs share the row tile and its mask
     pid_m = tl.program_id(1)
@@ -321,8 +343,6 @@ def _masked_linear_kernel(
     mask_addr = tl.load(mask_ptrs + seg)
     has_mask = mask_addr != 0
     keep_ptr = mask_addr.to(tl.pointer_type(tl.uint8))
-    # Bit number of W[n, k] is n*K + k; int64 so that huge weights cannot overflow.
-    bit_row = offs_n.to(tl.int64)[None, :] * K
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -334,9 +354,7 @@ def _masked_linear_kernel(
         # The [BLOCK_K, BLOCK_N] tile of Wᵀ.
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None] * stride_wk, mask=w_ok, other=0.0)
         if has_mask:
-            bit = bit_row + k[:, None]
-            byte = tl.load(keep_ptr + (bit >> 3), mask=w_ok, other=0)
-            keep = (byte >> (7 - (bit & 7)).to(tl.uint8)) & 1  # most significant bit first
+            keep = _keep_bits(keep_ptr, offs_n, n_ok, k, k_ok, k0, K, BLOCK_K, BLOCK_N, BYTE_ALIGNED)
             w = tl.where(keep != 0, w, 0.0).to(w.dtype)
         acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
 
@@ -481,7 +499,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), t.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_SPARSE=sparse is not None,
-        **_dtypes(x.dtype),
+        BYTE_ALIGNED=K % 8 == 0, **_dtypes(x.dtype),
         **_launch_meta(BLOCK_M=plan.block_m, BLOCK_R=_rank_block(t.shape[1] if lora else 16)),
     )
     return out
