@@ -252,3 +252,13 @@ def test_masked_linear_with_folded_lora_and_sparse_is_the_whole_formula(dtype: t
     ops.lora_expand(t, plan, lora.b_ptrs, ranks, separate)
     ops.sparse_add(x, separate, sparse, plan)
     torch.testing.assert_close(separate, fused, **TOL[dtype])
+
+
+def test_gpu_benchmark_harness_checks_every_side_on_tiny_shapes() -> None:
+    """bench/gpu_kernels.py's logic (cases, tables, fused and unfused sides, output check) on tiny shapes."""
+    from bench import gpu_kernels
+
+    rows = gpu_kernels.run({"tiny": 8}, tokens=10, ks=[3], methods=["dsee"], dtype=torch.float32, device=DEVICE,
+                           iters=1)
+    assert [(r["shape"], r["k"]) for r in rows] == [("attn", 3), ("ffn_in", 3), ("ffn_out", 3)]
+    assert all(r["grouped_ms"] > 0 for r in rows)
