@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import ops, tasks
+from server.api import dashboard, ops, tasks
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from server.backbone import Backbone
@@ -50,5 +50,6 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.add_middleware(MetricsMiddleware)
     app.include_router(tasks.router)
     app.include_router(ops.router)
+    app.include_router(dashboard.router)
     install_error_handlers(app)
     return app

@@ -1,0 +1,196 @@
+"""The dashboard at `/` in a real Chromium (Selenium driving Debian's chromium-driver) against a real
+uvicorn server on a tiny backbone: it loads with no console error, its memory figures are /memory's,
+a try-it prediction shows what the API answers, and an upload through its form lands in the table.
+
+One browser session for the whole walk-through: starting Chromium is the slow part.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from conftest import make_tiny_backbone
+from delta_builders import NER_LABELS, build_delta
+from http_helpers import ADMIN, free_port, settings
+
+from server.app import create_app
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+                                       "chromium-driver)")
+
+MEMORY_KEYS = ("backbone_bytes", "num_tasks", "delta_bytes_total", "serving_bytes", "finetuned_copies_bytes",
+               "saved_bytes", "saved_fraction", "resident_delta_bytes")
+
+
+@pytest.fixture(scope="module")
+def live(tokenizer, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """A real uvicorn server in a thread, with a sentiment task and an NER task installed."""
+    backbone = make_tiny_backbone(tokenizer)
+    folder = tmp_path_factory.mktemp("dashboard")
+    app = create_app(settings(folder / "store"), backbone=backbone)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for name, data in {"sentiment": build_delta(backbone, parts=("lora", "keep")),
+                           "ner": build_delta(backbone, task_type="token-classification", labels=NER_LABELS,
+                                              method="mask", parts=("keep",), seed=3)}.items():
+            assert client.put(f"/tasks/{name}", content=data, headers=ADMIN).status_code == 201
+        upload = folder / "uploaded.safetensors"
+        upload.write_bytes(build_delta(backbone, labels=("no", "maybe", "yes"), method="lora", seed=7))
+        yield {"url": url, "client": client, "upload": upload, "folder": folder}
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1400,1900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def severe(driver: Any) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def wait_for(driver: Any, css: str, timeout: float = 20) -> Any:
+    return WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.CSS_SELECTOR, css))
+
+
+def check_memory(driver: Any, memory: dict[str, Any]) -> None:
+    for key in MEMORY_KEYS:
+        dd = driver.find_element(By.ID, f"mem-{key}")
+        shown = dd.get_attribute("data-value")
+        if key == "saved_fraction":
+            assert float(shown) == memory[key]
+            assert dd.text == f"{memory[key] * 100:.1f} %"
+        else:
+            assert int(shown) == memory[key], key
+            assert dd.text.split(" B")[0].replace(",", "") == str(memory[key]), (key, dd.text)
+    # The chart's solid curves have one point per task plus the empty server.
+    for series in ("serving", "copies"):
+        path = driver.find_element(By.CSS_SELECTOR, f"#memory-chart path[data-series={series}]")
+        assert path.get_attribute("d").count("L") == memory["num_tasks"]
+
+
+def test_dashboard_in_chromium(live, browser):
+    client: httpx.Client = live["client"]
+    browser.get(live["url"] + "/")
+    wait_for(browser, "body[data-loaded=true]")
+
+    # The tasks table is /tasks.
+    tasks = client.get("/tasks").json()["tasks"]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")
+    assert [r.get_attribute("data-task") for r in rows] == [t["name"] for t in tasks]
+    for row, task in zip(rows, tasks, strict=True):
+        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+        assert cells == [task["name"], task["method"], task["task_type"], str(task["version"]),
+                         f"{task['delta_bytes']:,}", ", ".join(task["labels"])]
+
+    check_memory(browser, client.get("/memory").json())
+
+    # Try it: sequence classification shows the API's label and its scores as bars.
+    card = browser.find_element(By.CSS_SELECTOR, ".try[data-task=sentiment]")
+    text = "a gripping, funny film"
+    area = card.find_element(By.CSS_SELECTOR, "textarea")
+    area.clear()
+    area.send_keys(text)
+    card.find_element(By.CSS_SELECTOR, "button.predict").click()
+    verdict = wait_for(card, ".verdict")
+    expected = client.post("/tasks/sentiment/predict", json={"inputs": text}).json()["predictions"][0]
+    assert verdict.text == expected["label"]
+    bars = {b.get_attribute("data-label"): float(b.get_attribute("data-score"))
+            for b in card.find_elements(By.CSS_SELECTOR, ".bar")}
+    assert bars == pytest.approx(expected["scores"], abs=1e-9)
+    assert card.find_element(By.CSS_SELECTOR, ".bar.top").get_attribute("data-label") == expected["label"]
+
+    # Token classification: the API's entities, highlighted in the text.
+    card = browser.find_element(By.CSS_SELECTOR, ".try[data-task=ner]")
+    card.find_element(By.CSS_SELECTOR, "button.predict").click()
+    marked = wait_for(card, ".result .marked")
+    text = card.find_element(By.CSS_SELECTOR, "textarea").get_attribute("value")
+    entities = client.post("/tasks/ner/predict", json={"inputs": text}).json()["predictions"][0]["entities"]
+    assert entities, "the NER task should find something in the example text"
+    shown = browser.execute_script(
+        "const p = arguments[0].cloneNode(true); const marks = [...p.querySelectorAll('mark')];"
+        "p.querySelectorAll('sup').forEach((s) => s.remove());"
+        "return [marks.map((m) => [m.dataset.label, m.textContent]), p.textContent];", marked)
+    assert shown[0] == [[e["label"], text[e["start"]:e["end"]]] for e in entities]
+    assert shown[1] == text  # the whole text, nothing lost around the marks
+
+    # Upload through the form: the new task appears in the table, and the memory card follows.
+    browser.find_element(By.ID, "upload-name").send_keys("uploaded")
+    browser.find_element(By.ID, "upload-file").send_keys(str(live["upload"]))
+    browser.find_element(By.ID, "upload-token").send_keys("s3cret")
+    browser.find_element(By.ID, "upload-submit").click()
+    wait_for(browser, "#tasks tbody tr[data-task=uploaded]")
+    assert "uploaded: version 1 stored" in browser.find_element(By.ID, "upload-result").text
+    info = client.get("/tasks/uploaded").json()
+    assert info["labels"] == ["no", "maybe", "yes"] and info["version"] == 1
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "mem-num_tasks").text == "3")
+    check_memory(browser, client.get("/memory").json())
+    wait_for(browser, ".try[data-task=uploaded]")
+
+    # Live figures: two polls of /metrics give rates; the predictions above went through the engine.
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live-rps").text != "–")
+    float(browser.find_element(By.ID, "live-rps").text)
+    assert float(browser.find_element(By.ID, "live-batch-requests").text) >= 1
+    hits, misses = (int(v.replace(",", "")) for v in browser.find_element(By.ID, "live-cache").text.split(" / "))
+    assert misses >= 2 and hits >= 1  # each task's delta prepared once, then reused
+
+    screenshot = live["folder"] / "dashboard.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+    assert severe(browser) == []
+
+    # A wrong token: the server's 401 detail shows under the form, and nothing is stored.
+    browser.find_element(By.ID, "upload-name").clear()
+    browser.find_element(By.ID, "upload-name").send_keys("refused")
+    browser.find_element(By.ID, "upload-file").send_keys(str(live["upload"]))
+    token = browser.find_element(By.ID, "upload-token")
+    token.clear()
+    token.send_keys("wrong")
+    browser.find_element(By.ID, "upload-submit").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "upload-result").text.startswith("401"))
+    assert "Bearer" in browser.find_element(By.ID, "upload-result").text
+    assert client.get("/tasks/refused").status_code == 404
+
+
+def test_static_files_only_from_the_folder(live):
+    client: httpx.Client = live["client"]
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert client.get("/static/dashboard.js").headers["content-type"].split(";")[0] in (
+        "text/javascript", "application/javascript")
+    for path in ("/static/..%2Fapp.py", "/static/missing.js", "/static/%2e%2e"):
+        response = client.get(path)
+        assert response.status_code == 404 and "detail" in response.json()
+    assert "/" not in client.get("/openapi.json").json()["paths"]
