@@ -1,6 +1,6 @@
 """Write constraints.txt: the exact releases of deltaserve's runtime dependencies, so two builds agree.
 
-    python .ci/constraints.py            # rewrites constraints.txt at the repository root
+    python .ci/constraints.py [--python310 PATH]   # rewrites constraints.txt at the repository root
 
 The image installs them (`pip install -r constraints.txt`) and CI installs the project under them
 (`pip install -c constraints.txt -e '.[dev]'`). Torch is left out: it is pinned by its own install
@@ -9,20 +9,25 @@ on which one.
 
 - Python >= 3.11: the releases installed where the test suite passed (this environment's
   `pip freeze`, kept to the runtime dependencies and what they pull in).
-- Python 3.10 (Ubuntu 22.04 CUDA bases): some of those releases need 3.11, so pip resolves the same
-  requirements for 3.10 (`--python-version 3.10 --dry-run`), holding every pin that supports 3.10.
+- Python 3.10 (Ubuntu 22.04 CUDA bases): some of those releases need 3.11, so a Python 3.10's pip
+  resolves the same requirements (`pip install --dry-run --report`), holding every pin that supports
+  3.10. (A real 3.10 interpreter, not `--python-version 3.10`: pip does not check `Requires-Python`
+  against the latter when an index leaves it out of its listing.)
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
 import importlib.metadata as md
 import json
+import os
+import shutil
 import subprocess
-import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -57,27 +62,39 @@ def installed_closure(requirements: list[str]) -> dict[str, md.Distribution]:
     return found
 
 
-def resolve_for_310(requirements: list[str], prefer: dict[str, str]) -> dict[str, str]:
+def resolve_for_310(python: str, requirements: list[str], prefer: dict[str, str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         reqs, cons, report = Path(tmp, "req.txt"), Path(tmp, "cons.txt"), Path(tmp, "report.json")
         # Torch in, at this environment's release, so that its own dependencies get 3.10 pins too.
         torch = md.version("torch").split("+")[0]
         reqs.write_text("\n".join(requirements))
         cons.write_text("\n".join([f"torch=={torch}", *(f"{name}=={version}" for name, version in prefer.items())]))
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-                        "--python-version", "3.10", "--only-binary=:all:", "--target", str(Path(tmp, "t")),
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
                         "--report", str(report), "-r", str(reqs), "-c", str(cons)], check=True)
         return {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
                 for item in json.loads(report.read_text())["install"]}
 
 
+def find_python310() -> str:
+    # pyenv's own binaries before PATH: a pyenv shim on PATH may not run without pyenv set up.
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python")))
+    for candidate in (*pyenv, shutil.which("python3.10")):
+        if candidate:
+            return candidate
+    raise SystemExit("no Python 3.10 found: pass --python310 PATH")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python310", help="a Python 3.10 interpreter with pip (default: python3.10 or pyenv's)")
+    args = parser.parse_args()
     requirements = runtime_requirements()
     dists = {name: dist for name, dist in installed_closure(requirements).items() if not left_out(name)}
     tested = {name: dist.version for name, dist in dists.items()}
     fits_310 = {name: version for name, version in tested.items()
                 if PY310 in SpecifierSet(dists[name].metadata.get("Requires-Python") or "")}
-    for_310 = {name: v for name, v in resolve_for_310(requirements, fits_310).items() if not left_out(name)}
+    resolved = resolve_for_310(args.python310 or find_python310(), requirements, fits_310)
+    for_310 = {name: version for name, version in resolved.items() if not left_out(name)}
     lines = []
     for name in sorted(set(tested) | set(for_310)):
         new, old = tested.get(name), for_310.get(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -102,6 +103,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = exposure_warning(settings)
+    if warning:
+        logging.getLogger("deltaserve").warning(warning)
     # uvicorn's SIGTERM handling stops accepting, lets accepted requests finish, then runs the
     # app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the handler
     # it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
@@ -110,6 +114,28 @@ def run_serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                     access_log=args.access_log, timeout_graceful_shutdown=60)
     return 0
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """A sentence when `serve` would listen beyond this machine with uploads and deletes open to anyone.
+
+    The image binds 0.0.0.0 so that a published port works; without a token every client that can
+    reach it may replace a task. Loopback needs no token: only this machine can connect.
+    """
+    if settings.admin_token or is_loopback(settings.host):
+        return None
+    return (f"listening on {settings.host or 'every address'}:{settings.port} without an admin token: anyone "
+            "who can reach this port can upload, replace and delete tasks; set --admin-token or "
+            "DELTASERVE_ADMIN_TOKEN")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name (or "" for every address): it may resolve anywhere
+        return False
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

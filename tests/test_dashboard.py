@@ -8,17 +8,14 @@ One browser session for the whole walk-through: starting Chromium is the slow pa
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from conftest import make_tiny_backbone
 from delta_builders import NER_LABELS, build_delta
-from http_helpers import ADMIN, free_port, settings
+from http_helpers import ADMIN, live_server, settings
 
 from server.app import create_app
 
@@ -42,16 +39,7 @@ def live(tokenizer, tmp_path_factory) -> Iterator[dict[str, Any]]:
     backbone = make_tiny_backbone(tokenizer)
     folder = tmp_path_factory.mktemp("dashboard")
     app = create_app(settings(folder / "store"), backbone=backbone)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         for name, data in {"sentiment": build_delta(backbone, parts=("lora", "keep")),
                            "ner": build_delta(backbone, task_type="token-classification", labels=NER_LABELS,
                                               method="mask", parts=("keep",), seed=3)}.items():
@@ -59,8 +47,6 @@ def live(tokenizer, tmp_path_factory) -> Iterator[dict[str, Any]]:
         upload = folder / "uploaded.safetensors"
         upload.write_bytes(build_delta(backbone, labels=("no", "maybe", "yes"), method="lora", seed=7))
         yield {"url": url, "client": client, "upload": upload, "folder": folder}
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
