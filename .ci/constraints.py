@@ -5,7 +5,7 @@
 The image installs them (`pip install -r constraints.txt`) and CI installs the project under them
 (`pip install -c constraints.txt -e '.[dev]'`). Torch is left out: it is pinned by its own install
 step, from PyPI's CPU index or a CUDA index, and its CUDA packages (nvidia-*, triton, cuda-*) depend
-on which one.
+on which one (a CUDA torch pins its own triton release; next to a CPU torch, triton is left free).
 
 - Python >= 3.11: the releases installed where the test suite passed (this environment's
   `pip freeze`, kept to the runtime dependencies and what they pull in).

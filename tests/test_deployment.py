@@ -77,8 +77,8 @@ def test_constraints_pin_every_runtime_dependency(python):
     for line in project["dependencies"]:
         req = Requirement(line)
         name = canonicalize_name(req.name)
-        if name == "torch" or (req.marker and not req.marker.evaluate(env)):
-            continue  # torch is pinned by its own install step (CPU or CUDA index)
+        if name in ("torch", "triton") or (req.marker and not req.marker.evaluate(env)):
+            continue  # torch is pinned by its own install step (CPU or CUDA index); a CUDA torch pins its triton
         assert name in pins, f"{name} is not in constraints.txt for Python {python}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
     assert Marker(f'python_version >= "{project["requires-python"].removeprefix(">=")}"').evaluate(env)
