@@ -8,8 +8,11 @@ Guarantees of `LocalDeltaStore`:
 - every write is atomic: a temp file in the same folder, fsync, `os.replace`, fsync of the
   folder; the manifest is written the same way, and it is the manifest that makes a new
   version visible, so the old version serves until the new one is fully written;
-- uploads to one name are serialised (a lock per name); versions only ever increase, also
-  across a delete, so `(name, version)` always means the same bytes;
+- uploads to one name are serialised (a lock per name); writers in other processes on the same
+  folder too (`flock` on the deltas folder, and the manifest re-read under it), so no update
+  is lost; versions only ever increase, also across a delete, so `(name, version)` always means
+  the same bytes (a process sees another's uploads when it writes or restarts: several
+  replicas that must agree share an `S3DeltaStore`, see adapters_store/s3.py);
 - files of replaced or deleted versions, and leftovers of a crash, are removed.
 
 The store knows no torch module: it reads bytes, asks `parse_delta` whether they are valid
@@ -19,6 +22,7 @@ against a `BackboneSpec`, and keeps what the manifest needs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -161,8 +165,9 @@ class LocalDeltaStore:
         self._name_locks: dict[str, threading.Lock] = {}
         self.created = not self._manifest_path.exists()
         self._deltas.mkdir(parents=True, exist_ok=True)
-        self._tasks, self._last_versions = self._load_manifest()
-        self._remove_strays()
+        with self._exclusive():
+            self._tasks, self._last_versions = self._load_manifest()
+            self._remove_strays()
 
     # ------------------------------------------------------------------ reading
 
@@ -198,8 +203,9 @@ class LocalDeltaStore:
         if len(data) > self.max_delta_bytes:
             raise DeltaTooLarge(len(data), self.max_delta_bytes)
         delta = parse_delta(data, self.spec)  # raises before anything is written
-        with self._name_lock(name):
+        with self._name_lock(name), self._exclusive():
             with self._lock:
+                self._tasks, self._last_versions = self._load_manifest()  # another process may have written
                 previous = self._tasks.get(name)
                 version = self._last_versions.get(name, 0) + 1
             info = TaskInfo.from_delta(name, version, data, delta)
@@ -221,8 +227,9 @@ class LocalDeltaStore:
         return info, previous is None
 
     def delete(self, name: str) -> TaskInfo:
-        with self._name_lock(name):
+        with self._name_lock(name), self._exclusive():
             with self._lock:
+                self._tasks, self._last_versions = self._load_manifest()
                 info = self._tasks.get(name)
                 if info is None:
                     raise TaskNotFound(name)
@@ -247,6 +254,16 @@ class LocalDeltaStore:
             lock = self._name_locks.setdefault(name, threading.Lock())
         with lock:
             yield
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Excludes writers in other processes: an advisory lock on the deltas folder (no extra file)."""
+        fd = os.open(self._deltas, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _load_manifest(self) -> tuple[dict[str, TaskInfo], dict[str, int]]:
         if not self._manifest_path.exists():
@@ -312,3 +329,13 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def open_store(location: str | os.PathLike[str], spec: BackboneSpec, *,
+               max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES, **s3_options: object) -> DeltaStore:
+    """The store at `location`: `s3://bucket/prefix` → `S3DeltaStore` (options passed on), else a folder."""
+    if str(location).startswith("s3://"):
+        from adapters_store.s3 import S3DeltaStore  # boto3 only when an S3 store is asked for
+
+        return S3DeltaStore(str(location), spec, max_delta_bytes=max_delta_bytes, **s3_options)  # type: ignore[arg-type]
+    return LocalDeltaStore(location, spec, max_delta_bytes=max_delta_bytes)

@@ -85,3 +85,21 @@ def shared_data_or_skip(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> str:
+    """A real S3 server (SeaweedFS) for the whole session; the AWS variables point boto3 at it."""
+    from s3_server import CREDENTIALS, weed_server
+
+    with weed_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
+        os.environ.update({**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+        try:
+            yield endpoint
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
