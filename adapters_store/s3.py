@@ -57,7 +57,7 @@ from adapters_store.storage import (
     MANIFEST_FORMAT,
     DeltaTooLarge,
     StoreCorrupt,
-    StoreError,
+    StoreUnavailable,
     TaskInfo,
     TaskNotFound,
     check_name,
@@ -66,10 +66,6 @@ from adapters_store.storage import (
 log = logging.getLogger(__name__)
 
 CONFLICT_STATUSES = (409, 412)  # 412: the condition failed; 409: AWS's answer to two racing conditional writes
-
-
-class StoreUnavailable(StoreError, RuntimeError):
-    """The object store cannot be reached or refused a request (not the client's mistake)."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

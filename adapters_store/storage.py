@@ -75,6 +75,10 @@ class StoreCorrupt(StoreError, RuntimeError):
     """A stored file no longer matches its manifest entry (changed or lost on disk)."""
 
 
+class StoreUnavailable(StoreError, RuntimeError):
+    """A remote store (S3) cannot be reached or refused a request: not the client's mistake (HTTP 503)."""
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):  # fullmatch: `$` alone would accept a trailing newline
         raise InvalidTaskName(name)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import DeltaStore, InvalidTaskName, LocalDeltaStore, TaskInfo
+from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, open_store
 from server.backbone import Backbone
 from server.batching import Batcher, BatchRunner, Tokenizer
 from server.cache import DeltaCache
@@ -43,13 +43,15 @@ class Server:
             torch.set_num_threads(settings.threads)
         if backbone is None:
             backbone = Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
-        store = LocalDeltaStore(settings.store, backbone.spec(), max_delta_bytes=settings.max_upload_bytes)
+        store = open_settings_store(settings, backbone)
         seed_demo(store, settings)
         for info in store.list():
             if info.backbone_fingerprint != backbone.fingerprint:
                 log.warning("task %s was made for backbone %s, not this one (%s): it will answer 409",
                             info.name, info.backbone_fingerprint, backbone.fingerprint)
         cache = DeltaCache(settings.cache_bytes)
+        if hasattr(store, "on_change"):  # another replica replaced or deleted tasks: their entries are dead weight
+            store.on_change(lambda names: [cache.discard_task(name) for name in names])
         metrics = Metrics()
         metrics.watch_cache(cache.stats)
         tokenizer = Tokenizer(backbone)
@@ -62,11 +64,20 @@ class Server:
     async def close(self) -> None:
         await self.batcher.close()
         self.tokenizer.close()
+        if hasattr(self.store, "close"):  # the S3 store's watcher thread
+            self.store.close()
 
     def memory(self) -> dict[str, Any]:
         """`GET /memory` for this server now."""
         return memory_report(self.backbone.parameter_bytes, self.store.list(),
                              int(self.cache.stats()["resident_bytes"]))
+
+
+def open_settings_store(settings: Settings, backbone: Backbone) -> DeltaStore:
+    """The store the settings name: a folder, or `s3://bucket/prefix` (endpoint and poll interval from settings)."""
+    options = {"endpoint_url": settings.s3_endpoint_url, "poll_interval_s": settings.store_poll_s} \
+        if settings.store.startswith("s3://") else {}
+    return open_store(settings.store, backbone.spec(), max_delta_bytes=settings.max_upload_bytes, **options)
 
 
 def demo_dir(settings: Settings) -> Path | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -19,7 +19,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    store: Path = Path("./store")
+    store: str = Field("./store", description="a folder, or s3://bucket/prefix for a store shared by replicas")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS, ...); default: "
+                                                          "AWS_ENDPOINT_URL, else AWS itself")
+    store_poll_s: float = Field(1.0, gt=0, le=60, description="how often an S3 store's manifest is checked for "
+                                                                "other replicas' changes (seconds)")
     backbone: str | None = Field(None, description="folder or hub name of the backbone; default: packaged MiniLM")
     admin_token: str | None = Field(None, description="when set, PUT and DELETE need 'Authorization: Bearer <token>'")
     device: str | None = Field(None, description="torch device; default: cuda when available, else cpu")
@@ -39,3 +43,9 @@ class Settings(BaseSettings):
         None, description="install the demo tasks: true = any missing ones, false = never, "
                           "unset = only into a brand-new store")
     demo_dir: Path | None = Field(None, description="where the demo deltas are; default: the repo's demo/")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_as_text(cls, value: object) -> object:
+        # A Path stays usable (tests, callers); kept as text so that "s3://bucket" keeps its two slashes.
+        return str(value) if isinstance(value, Path) else value

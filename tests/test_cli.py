@@ -44,7 +44,7 @@ def test_serve_flags_win_over_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DELTASERVE_MAX_BATCH_TOKENS", "1234")
     parser = build_parser()
     settings = settings_from_args(parser.parse_args(["serve", "--port", "9002", "--no-demo"]))
-    assert settings.port == 9002 and settings.store == tmp_path / "env-store"
+    assert settings.port == 9002 and settings.store == str(tmp_path / "env-store")
     assert settings.admin_token == "from-env" and settings.max_batch_tokens == 1234 and settings.demo is False
     defaults = settings_from_args(parser.parse_args(["serve", "--admin-token", "flag", "--batch-wait-ms", "3.5"]))
     assert defaults.admin_token == "flag" and defaults.batch_wait_ms == 3.5 and defaults.demo is None

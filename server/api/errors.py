@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, TaskNotFound
+from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, StoreUnavailable, TaskNotFound
 from server.batching import Overloaded, ShuttingDown
 from server.postprocess import UnsupportedInput
 
@@ -61,7 +61,7 @@ def status_of(exc: Exception) -> tuple[int, dict[str, str] | None]:
         return 422, None
     if isinstance(exc, Overloaded):
         return 429, {"Retry-After": str(exc.retry_after)}
-    if isinstance(exc, ShuttingDown):
+    if isinstance(exc, ShuttingDown | StoreUnavailable):  # StoreUnavailable: the object store is down
         return 503, {"Retry-After": "5"}
     for exc_type, status in STATUS.items():
         if isinstance(exc, exc_type):
@@ -88,5 +88,6 @@ async def handle(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for exc_type in (*STATUS, RequestValidationError, HTTPException, Overloaded, ShuttingDown, Exception):
+    for exc_type in (*STATUS, RequestValidationError, HTTPException, Overloaded, ShuttingDown, StoreUnavailable,
+                     Exception):
         app.add_exception_handler(exc_type, handle)
