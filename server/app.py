@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,13 +26,17 @@ from server.settings import Settings
 log = logging.getLogger("deltaserve")
 
 
-def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None) -> FastAPI:
-    """The application; `backbone` skips loading one (tests pass a tiny one)."""
+def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
+               on_build: Callable[[Server], None] | None = None) -> FastAPI:
+    """The application; `backbone` skips loading one (tests pass a tiny one); `on_build(server)` runs after
+    the service is built and before it serves (Ray Serve's replicas swap in their batcher there)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server = await asyncio.to_thread(Server.build, settings, backbone)
+        if on_build is not None:
+            on_build(server)
         server.batcher.start()
         app.state.server = server
         log.info("deltaserve ready: backbone %s, %d tasks", server.backbone.name, len(server.store.list()))

@@ -104,6 +104,11 @@ class DeltaCache:
         with self._lock:
             return sum(entry.nbytes for entry in self._entries.values())
 
+    def resident(self) -> list[tuple[Hashable, int]]:
+        """The keys held now with their bytes, least recently used first."""
+        with self._lock:
+            return [(key, entry.nbytes) for key, entry in self._entries.items()]
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             return {

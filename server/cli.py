@@ -106,6 +106,10 @@ def run_serve(args: argparse.Namespace) -> int:
     warning = exposure_warning(settings)
     if warning:
         logging.getLogger("deltaserve").warning(warning)
+    if settings.ray:
+        from server.ray_app import run  # Ray only when asked for: `pip install deltaserve[cluster]`
+
+        return run(settings, args.log_level)
     # uvicorn's SIGTERM handling stops accepting, lets accepted requests finish, then runs the
     # app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the handler
     # it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".

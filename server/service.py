@@ -36,6 +36,7 @@ class Server:
     runner: BatchRunner
     batcher: Batcher
     metrics: Metrics
+    replica: str | None = None  # set by a Ray Serve replica (server/ray_app.py): /memory names it
 
     @classmethod
     def build(cls, settings: Settings, backbone: Backbone | None = None) -> Server:
@@ -68,9 +69,12 @@ class Server:
             self.store.close()
 
     def memory(self) -> dict[str, Any]:
-        """`GET /memory` for this server now."""
-        return memory_report(self.backbone.parameter_bytes, self.store.list(),
-                             int(self.cache.stats()["resident_bytes"]))
+        """`GET /memory` for this server now, with what its cache holds (per replica, behind a proxy)."""
+        resident = self.cache.resident()
+        report = memory_report(self.backbone.parameter_bytes, self.store.list(), sum(size for _, size in resident))
+        report["resident"] = [{"name": key[0], "version": key[1], "bytes": size} for key, size in resident]
+        report["replica"] = self.replica
+        return report
 
 
 def open_settings_store(settings: Settings, backbone: Backbone) -> DeltaStore:

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(512 * MiB, ge=0, description="device memory budget for prepared deltas")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 
+    # Several replicas on Ray Serve (server/ray_app.py, docs/cluster.md).
+    ray: bool = Field(False, description="serve on Ray Serve: replicas behind Ray's HTTP proxy on --host/--port")
+    replicas: int = Field(2, ge=1, description="Ray Serve replicas (the count, or the autoscaling minimum)")
+    max_replicas: int | None = Field(None, ge=1, description="Ray Serve: autoscale between --replicas and this")
+    target_ongoing_requests: float = Field(32, gt=0, description="Ray Serve autoscaling: requests in flight per "
+                                                                 "replica it aims at")
+    ray_replica_cpus: float = Field(1, ge=0, description="CPUs Ray reserves for each replica")
+    ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one")
+
     demo: bool | None = Field(
         None, description="install the demo tasks: true = any missing ones, false = never, "
                           "unset = only into a brand-new store")

@@ -94,6 +94,12 @@ class MemoryTask(BaseModel):
     head_bytes: int
 
 
+class ResidentDelta(BaseModel):
+    name: str
+    version: int
+    bytes: int
+
+
 class MemoryReport(BaseModel):
     backbone_bytes: int
     num_tasks: int
@@ -104,6 +110,9 @@ class MemoryReport(BaseModel):
     saved_bytes: int
     saved_fraction: float
     resident_delta_bytes: int = Field(description="bytes of prepared deltas in the device cache now")
+    resident: list[ResidentDelta] = Field(default_factory=list,
+                                          description="the prepared deltas this process (replica) holds now")
+    replica: str | None = Field(None, description="which replica answered (Ray Serve), else null")
 
 
 class ErrorBody(BaseModel):
