@@ -90,7 +90,7 @@ def shared_data_or_skip(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> str:
     """A real S3 server (SeaweedFS) for the whole session; the AWS variables point boto3 at it."""
-    from s3_server import CREDENTIALS, weed_server
+    from bench.seaweedfs import CREDENTIALS, weed_server
 
     with weed_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
         saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}

