@@ -131,3 +131,10 @@ def test_an_upload_is_served_by_both_replicas(cluster):
         assert report["resident_delta_bytes"] == sum(e["bytes"] for e in report["resident"]) > 0
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["status"] == "ok"
+
+
+def test_several_replicas_need_a_shared_store(tmp_path):
+    from server.cli import main
+
+    with pytest.raises(SystemExit, match="s3://bucket/prefix"):
+        main(["serve", "--ray", "--replicas", "2", "--store", str(tmp_path / "folder")])
