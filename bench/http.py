@@ -56,13 +56,15 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server serve` on loopback with its own store; stopped with SIGTERM."""
 
-    def __init__(self, store: Path, threads: int, startup_s: float = 120.0) -> None:
+    def __init__(self, store: Path, threads: int, startup_s: float = 120.0,
+                 extra: list[str] | None = None, root: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         command = [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(self.port),
-                   "--store", str(store), "--no-demo", "--threads", str(threads), "--log-level", "warning"]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   "--store", str(store), "--no-demo", "--threads", str(threads), "--log-level", "warning",
+                   *(extra or [])]
+        self.process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        env={**os.environ, "PYTHONPATH": str(root)})
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -3,7 +3,7 @@
 The deltas are random in value but real in shape, placement and density, so the engine does
 exactly the work a trained delta would cost:
 - mask:  keep masks on query/key/value/attention output/intermediate/output of layers 2..L-1
-         and the pooler, 5 % zeros (Zhao et al.'s default initial sparsity);
+         and the pooler, 5 % zeros (Zhao et al.'s default initial sparsity; `mask_zeros` to change);
 - pasta: one vector per layer and special-token slot (3 slots);
 - lora:  rank 8 on query and value;
 - dsee:  rank 8 + 16 sparse positions on query and value, 20 % unstructured pruning as keep
@@ -44,7 +44,8 @@ def qv_modules(backbone: Backbone) -> list[str]:
             for suffix in (layout.query, layout.value)]
 
 
-def make_method_delta(backbone: Backbone, method: str, seed: int, rank: int = 8) -> TaskDelta:
+def make_method_delta(backbone: Backbone, method: str, seed: int, rank: int = 8,
+                      mask_zeros: float = 0.05) -> TaskDelta:
     if method == "mix":
         method = METHODS[seed % len(METHODS)]
     gen = torch.Generator().manual_seed(seed)
@@ -57,7 +58,7 @@ def make_method_delta(backbone: Backbone, method: str, seed: int, rank: int = 8)
         return KeepMask(name, shape, pack_bits(torch.rand(shape, generator=gen) >= zero_fraction))
 
     if method == "mask":
-        keep = {name: keep_mask(name, 0.05) for name in mask_modules(backbone)}
+        keep = {name: keep_mask(name, mask_zeros) for name in mask_modules(backbone)}
     elif method == "pasta":
         pasta = PastaVectors(torch.randn(backbone.num_layers, 3, d, generator=gen) * 0.1)
     elif method in ("lora", "dsee"):

@@ -59,6 +59,10 @@ class Metrics:
                                      buckets=SIZE_BUCKETS, registry=r)
         self.batch_seconds = Histogram("deltaserve_batch_seconds", "time of one batch in the engine worker",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_tokens = Counter("deltaserve_batch_tokens", "tokens of the inputs run by the engine", registry=r)
+        self.batch_padded_tokens = Counter("deltaserve_batch_padded_tokens",
+                                           "tokens the engine computed: each forward's longest input × its rows",
+                                           registry=r)
         self.queue_depth = Gauge("deltaserve_queue_depth", "predict requests waiting for the engine", registry=r)
         self.rejected = Counter("deltaserve_rejected", "predict requests refused because the queue was full",
                                 registry=r)

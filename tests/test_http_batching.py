@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 
 import pytest
 from conftest import make_tiny_backbone
@@ -108,27 +109,71 @@ def test_full_queue_answers_429_with_retry_after(tiny_backbone, tmp_path):
         async with served_async(tiny_backbone, tmp_path, max_queue=2, max_batch_requests=1,
                                 batch_wait_ms=0) as (client, app):
             await client.put("/tasks/t", content=build_delta(tiny_backbone), headers=ADMIN)
-            batcher = server_of(app).batcher
-            run = batcher._run
+            server = server_of(app)
+            batcher, runner = server.batcher, server.runner
+            forward = runner.forward
 
-            def blocked(jobs):  # holds the engine worker so that the queue fills up
+            def blocked(prepared):  # holds the engine worker so that the queue fills up
                 release.wait(10)
-                return run(jobs)
+                return forward(prepared)
 
-            batcher._run = blocked
-            first = asyncio.create_task(client.post("/tasks/t/predict", json={"inputs": "one"}))
-            while batcher.depth or batcher._idle.is_set():  # until the worker holds the first one
-                await asyncio.sleep(0.005)
-            queued = [asyncio.create_task(client.post("/tasks/t/predict", json={"inputs": t})) for t in ("2", "3")]
-            while batcher.depth < 2:
-                await asyncio.sleep(0.005)
-            refused = await client.post("/tasks/t/predict", json={"inputs": "four"})
+            runner.forward = blocked
+            accepted = []
+            # One request in the engine, one prepared behind it, then the queue (2) fills up.
+            for text in ("one", "two", "three", "four"):
+                accepted.append(asyncio.create_task(client.post("/tasks/t/predict", json={"inputs": text})))
+                for _ in range(1000):
+                    await asyncio.sleep(0.005)
+                    if batcher.depth == 2 or (len(accepted) <= 2 and batcher._in_flight == len(accepted)):
+                        break
+            assert batcher.depth == 2
+            refused = await client.post("/tasks/t/predict", json={"inputs": "five"})
             metrics = (await client.get("/metrics")).text
             release.set()
-            return refused, await asyncio.gather(first, *queued), metrics
+            return refused, await asyncio.gather(*accepted), metrics
 
     refused, accepted, metrics = asyncio.run(scenario())
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert "overloaded" in refused.json()["detail"]
-    assert [r.status_code for r in accepted] == [200, 200, 200]
+    assert [r.status_code for r in accepted] == [200, 200, 200, 200]
     assert "deltaserve_rejected_total 1.0" in metrics and "deltaserve_queue_depth 2.0" in metrics
+
+
+def test_overload_is_refused_before_tokenising_with_the_measured_wait(tiny_backbone, tmp_path):
+    """Requests still tokenising count against the queue; the 429 needs no tokenizer; Retry-After
+    is the queue over the engine's measured drain rate (here ~0.25 s a request), not 1."""
+    tokenizer_free = threading.Event()
+
+    async def scenario():
+        async with served_async(tiny_backbone, tmp_path, max_queue=12, max_batch_requests=1,
+                                batch_wait_ms=0) as (client, app):
+            await client.put("/tasks/t", content=build_delta(tiny_backbone), headers=ADMIN)
+            server = server_of(app)
+            batcher, runner = server.batcher, server.runner
+            forward = runner.forward
+
+            def slow(prepared):
+                time.sleep(0.25)
+                return forward(prepared)
+
+            runner.forward = slow
+            for text in ("a", "b", "c"):  # the engine's drain rate is measured on these
+                assert (await client.post("/tasks/t/predict", json={"inputs": text})).status_code == 200
+            # Hold the tokenizer thread: admitted requests now wait in tokenisation, not in the queue.
+            runner.tokenizer._pool.submit(tokenizer_free.wait, 10)
+            waiting = [asyncio.create_task(client.post("/tasks/t/predict", json={"inputs": f"text {i}"}))
+                       for i in range(12)]
+            while batcher.depth < 12:
+                await asyncio.sleep(0.005)
+            started = time.perf_counter()
+            refused = await client.post("/tasks/t/predict", json={"inputs": "one too many"})
+            refused_after = time.perf_counter() - started
+            tokenizer_free.set()
+            return refused, refused_after, await asyncio.gather(*waiting)
+
+    refused, refused_after, answered = asyncio.run(scenario())
+    assert refused.status_code == 429, refused.text
+    assert refused_after < 5  # not after the tokenizer (held 10 s) got to it
+    # 12 waiting + this one at ~4 requests/s: about 3 s (the old constant said 1).
+    assert 2 <= int(refused.headers["retry-after"]) <= 8
+    assert [r.status_code for r in answered] == [200] * 12

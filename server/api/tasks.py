@@ -14,7 +14,6 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from adapters_store.storage import DeltaTooLarge, TaskInfo, TaskNotFound, check_name
 from server.api.deps import AdminDep, ServerDep, TaskName
 from server.api.schemas import ERRORS, UPLOAD_BODY, PredictRequest, PredictResponse, TaskList
-from server.batching import Job
 from server.postprocess import UnsupportedInput
 
 router = APIRouter()
@@ -33,8 +32,7 @@ async def predict(body: PredictRequest, server: ServerDep, name: TaskName) -> Re
     if info.task_type == "token-classification" and not isinstance(inputs[0], str):
         raise UnsupportedInput("token-classification tasks take single texts, not pairs")
     max_length = server.runner.max_length(info.max_length)
-    encoded = await server.tokenizer.encode(inputs, max_length)
-    answer = await server.batcher.submit(Job(name, inputs, encoded, max_length))
+    answer = await server.batcher.predict(name, inputs, max_length)  # 429 before any tokenising
     return JSONResponse({"task": name, "version": answer.version, "predictions": answer.predictions})
 
 
