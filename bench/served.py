@@ -1,7 +1,7 @@
 """Served throughput on a mixed workload, as a client sees it, against the dense ceiling (issue 11).
 
     python -m bench.served [--requests 400] [--rounds 2] [--clients 64] [--write] [--profile FILE]
-                           [--compare before=/path/to/old/checkout]
+                           [--compare before=/path/to/old/checkout] [--compare t4096=.,--max-batch-tokens=4096]
 
 Two workloads, each 16 tasks on one real `python -m server serve` (uvicorn subprocess, loopback,
 1 torch thread), driven by `--clients` concurrent asyncio clients:
@@ -172,6 +172,10 @@ def run(requests: int = 400, rounds: int = 2, clients: int = 64, threads: int = 
     backbone = Backbone.load()
     sentences = dev_sentences()
     roots = {"this": ROOT, **(compare or {})}
+    extra = {label: [] for label in roots}
+    for label, root in list(roots.items()):  # "PATH,--flag=value,...": that server's own flags
+        path, *flags = str(root).split(",")
+        roots[label], extra[label] = Path(path), flags
     plans = {w: make_requests(task_names(w), sentences, requests, seed) for w in workloads}
     results: dict[tuple[str, str], Result] = {}
     encoded: dict[str, list] = {}
@@ -188,7 +192,8 @@ def run(requests: int = 400, rounds: int = 2, clients: int = 64, threads: int = 
     with tempfile.TemporaryDirectory() as stores:
         try:
             for label, root in roots.items():
-                servers[label] = server = ServerProcess(Path(stores) / label, threads, extra=server_args, root=root)
+                servers[label] = server = ServerProcess(Path(stores) / label, threads, root=root,
+                                                        extra=[*(server_args or []), *extra[label]])
                 for w in workloads:
                     for name, data in zip(task_names(w), deltas[w], strict=True):
                         httpx.put(f"{server.url}/tasks/{name}", content=data, timeout=120,
@@ -313,8 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of the server during the first round")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeatable)")
-    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=PATH",
-                        help="also measure the server of another checkout (e.g. before=/tmp/old), interleaved")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=PATH[,--flag=value...]",
+                        help="also measure the server of another checkout (e.g. before=/tmp/old), or this one "
+                             "with other flags (e.g. t4096=.,--max-batch-tokens=4096), interleaved")
     parser.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
     args = parser.parse_args(argv)
     started = time.perf_counter()

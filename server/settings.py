@@ -30,7 +30,8 @@ class Settings(BaseSettings):
 
     max_length: int = Field(128, ge=2, description="truncation for tasks whose delta names no max_length")
     max_inputs: int = Field(64, ge=1, description="most inputs in one predict request (413 beyond)")
-    max_batch_tokens: int = Field(8192, ge=1, description="most tokens in one engine forward")
+    max_batch_tokens: int = Field(2048, ge=1, description="most padded tokens (longest input × rows) in one "
+                                                          "engine forward")
     max_batch_requests: int = Field(64, ge=1, description="most requests merged into one engine forward")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_queue: int = Field(256, ge=1, description="requests waiting for the engine before 429")
