@@ -14,10 +14,11 @@ Each request carries 1–4 SST-2 dev sentences for a random task of its workload
 same requests every round). The ceiling is the plain dense backbone — no task parts — on the very
 sentences those requests carry, pre-tokenised, in *length-bucketed* batches of 32 (sorted by
 length, then cut), run in this process while the server idles. The same sentences in arrival
-order (batches of 32 as they come) show what padding alone costs. Rounds interleave the sides
+order (batches of 32 as they come) show what padding alone costs, and the engine offline on the
+same bucketed batches (each row with its request's task) what the task parts cost. Rounds interleave the sides
 (dense bucketed, dense arrival order, served mixed, served pasta+lora); medians of the rounds,
 latency percentiles over every request of every round. Ratio = served sentences/s ÷ dense
-bucketed sentences/s, both measured in the same run.
+bucketed sentences/s, both measured in the same round (median over rounds).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from bench.profile import summarise
 from bench.profile import table as profile_table
 from bench.workload import DATA, make_method_delta
 from server.backbone import Backbone
+from server.delta import prepare_delta
+from server.engine import Engine, Row
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS: dict[str, tuple[str, ...]] = {
@@ -94,6 +97,17 @@ def dense_seconds(backbone: Backbone, texts: list, bucketed: bool) -> float:
     return time.perf_counter() - started
 
 
+@torch.inference_mode()
+def engine_seconds(engine: Engine, rows: list[Row]) -> float:
+    """The engine, offline, on the workload's rows (each with its request's task) in length-bucketed batches
+    of 32: the dense bucketed ceiling plus the task parts, no server around it."""
+    order = sorted(rows, key=lambda r: len(r.text.input_ids))
+    started = time.perf_counter()
+    for i in range(0, len(order), DENSE_BATCH):
+        engine.forward(order[i : i + DENSE_BATCH])
+    return time.perf_counter() - started
+
+
 def padding_fraction(texts: list, bucketed: bool) -> float:
     lengths = [len(t.input_ids) for t in texts]
     if bucketed:
@@ -138,6 +152,7 @@ class Result:
     served_s: list[float] = field(default_factory=list)
     bucketed_s: list[float] = field(default_factory=list)
     arrival_s: list[float] = field(default_factory=list)
+    engine_s: list[float] = field(default_factory=list)  # the engine offline, bucketed (task parts' cost)
     latencies: list[float] = field(default_factory=list)
     errors: dict[int, int] = field(default_factory=dict)
     engine_busy_s: float = 0.0  # the server's own batch seconds, tokens and padded tokens over all rounds
@@ -153,7 +168,8 @@ class Result:
 
     @property
     def ratio(self) -> float:
-        return self.rate(self.served_s) / self.rate(self.bucketed_s)
+        """Median over rounds of each round's served ÷ dense bucketed (the two sides ran back to back)."""
+        return statistics.median(b / s for s, b in zip(self.served_s, self.bucketed_s, strict=True))
 
     @property
     def p50_ms(self) -> float:
@@ -188,6 +204,11 @@ def run(requests: int = 400, rounds: int = 2, clients: int = 64, threads: int = 
                                        padding_arrival=padding_fraction(encoded[w], False))
     deltas = {w: [make_method_delta(backbone, method, seed=1000 + i, mask_zeros=MASK_ZEROS).to_bytes()
                   for i, method in enumerate(WORKLOADS[w])] for w in workloads}
+    engine = Engine(backbone)  # its MixedLinears with no plan are plain linears: the dense side is unchanged
+    prepared = {w: {name: prepare_delta(data, backbone, name, 1) for name, data in
+                    zip(task_names(w), deltas[w], strict=True)} for w in workloads}
+    rows = {w: [Row(prepared[w][r.task], text) for r, text in
+                zip((r for r in plans[w] for _ in r.inputs), encoded[w], strict=True)] for w in workloads}
     servers: dict[str, ServerProcess] = {}
     with tempfile.TemporaryDirectory() as stores:
         try:
@@ -205,12 +226,14 @@ def run(requests: int = 400, rounds: int = 2, clients: int = 64, threads: int = 
                 for w in workloads:
                     bucketed = dense_seconds(backbone, encoded[w], True)
                     arrival = dense_seconds(backbone, encoded[w], False)
+                    offline = engine_seconds(engine, rows[w])
                     labels = list(roots)
                     labels = labels[round_index % len(labels):] + labels[: round_index % len(labels)]
                     for label in labels:
                         result = results[w, label]
                         result.bucketed_s.append(bucketed)
                         result.arrival_s.append(arrival)
+                        result.engine_s.append(offline)
                         first = profile and round_index == 0 and w == workloads[0] and label == "this"
                         spy = _py_spy(servers[label], profile) if first else None
                         before = server_counters(servers[label].url)
@@ -229,7 +252,8 @@ def run(requests: int = 400, rounds: int = 2, clients: int = 64, threads: int = 
                         for code, n in errors.items():
                             result.errors[code] = result.errors.get(code, 0) + n
                         print(f"round {round_index} {w:10s} {label:8s} served {result.sentences / wall:6.1f} sent/s "
-                              f"(dense bucketed {result.sentences / bucketed:6.1f}, arrival order "
+                              f"(dense bucketed {result.sentences / bucketed:6.1f}, engine offline bucketed "
+                              f"{result.sentences / offline:6.1f}, arrival order "
                               f"{result.sentences / arrival:6.1f}), p50 {statistics.median(latencies) * 1e3:.0f} ms, "
                               f"p99 {_percentile(latencies, 0.99) * 1e3:.0f} ms, errors {errors or 0}", flush=True)
         finally:
@@ -272,14 +296,15 @@ def section(results: list[Result], clients: int, rounds: int, seconds: float, se
         f"Server flags: `{' '.join(server_args) or '(defaults)'}`.",
         "",
         "| workload | server | requests × rounds | sentences/round | errors | served sent/s | p50 ms | p99 ms "
-        "| dense bucketed sent/s | **× dense bucketed** | dense arrival-order sent/s | padding bucketed / arrival |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dense bucketed sent/s | **× dense bucketed** | dense arrival-order sent/s | engine offline bucketed sent/s "
+        "| padding bucketed / arrival |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.workload} | {r.server} | {r.requests} × {rounds} | {r.sentences} | {sum(r.errors.values())} "
             f"| {r.rate(r.served_s):.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.rate(r.bucketed_s):.1f} "
-            f"| **{r.ratio:.2f}×** | {r.rate(r.arrival_s):.1f} "
+            f"| **{r.ratio:.2f}×** | {r.rate(r.arrival_s):.1f} | {r.rate(r.engine_s):.1f} "
             f"| {r.padding_bucketed:.0%} / {r.padding_arrival:.0%} |")
     decomposed = [r for r in results if r.padded]
     if decomposed:
@@ -291,16 +316,18 @@ def section(results: list[Result], clients: int, rounds: int, seconds: float, se
             "= the rest (task parts, per-batch Python, and CPU taken by the server's other threads and the client).",
             "",
             "| workload | server | batches/round | rows/batch | server padding | padding factor | engine busy "
-            "| engine speed factor |",
-            "|---|---|---|---|---|---|---|---|",
+            "| engine speed factor | of which task parts (offline engine ÷ dense, bucketed) | of which the rest |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in decomposed:
             server_useful = r.tokens / r.padded
             padding = server_useful / (1 - r.padding_bucketed)
             busy = r.engine_busy_s / sum(r.served_s)
+            parts = r.rate(r.engine_s) / r.rate(r.bucketed_s)
             lines.append(f"| {r.workload} | {r.server} | {r.batches / rounds:.0f} "
                          f"| {r.sentences * rounds / r.batches:.1f} | {1 - server_useful:.0%} | {padding:.2f} "
-                         f"| {busy:.0%} | {r.ratio / (padding * busy):.2f} |")
+                         f"| {busy:.0%} | {r.ratio / (padding * busy):.2f} | {parts:.2f} "
+                         f"| {r.ratio / (padding * busy * parts):.2f} |")
     for r in results:
         if r.profile:
             lines += ["", f"Profile of the server ({r.workload}, {r.server}, round 0; py-spy, on-CPU samples):",
