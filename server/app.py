@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from server.api import dashboard, ops, tasks
 from server.api.errors import install_error_handlers
+from server.api.examples import add_examples
 from server.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from server.backbone import Backbone
 from server.service import Server
@@ -56,4 +57,5 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.include_router(ops.router)
     app.include_router(dashboard.router)
     install_error_handlers(app)
+    add_examples(app)
     return app

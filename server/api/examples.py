@@ -1,0 +1,171 @@
+"""Examples in the OpenAPI schema (`/openapi.json`, `/docs`), for every route, in one place.
+
+FastAPI builds the schema from the routes and their models; `add_examples(app)` then puts a
+realistic example on each operation's JSON request body and on each of its responses, error
+bodies included, wherever the route did not declare one itself (a route's own example wins).
+The figures are those of a real server with the packaged MiniLM and the demo tasks. Keeping them
+here, rather than spread over decorators, keeps the routers readable and makes "every route has
+examples" one test over the generated schema.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+FINGERPRINT = "sha256:de66bc42eb878235190694c1d73c5823"
+
+TASK_INFO = {
+    "name": "sst2-mask", "version": 1, "sha256": "3f1d0c52a8e4b1f7a9d2e6c0b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6",
+    "delta_bytes": 909256, "created_at": "2026-11-30T10:12:03.123Z", "method": "mask",
+    "task_type": "sequence-classification", "labels": ["negative", "positive"], "description": "",
+    "problem_type": "single_label", "max_length": 64, "word_piece": "first", "backbone_fingerprint": FINGERPRINT,
+    "head_bytes": 3080, "bytes_by_part": {"KeepMask": 903168, "TaskHead": 3080},
+}
+
+SEQUENCE_ANSWER = {"task": "sst2-mask", "version": 1, "predictions": [
+    {"label": "positive", "score": 0.9835, "scores": {"negative": 0.0165, "positive": 0.9835}},
+    {"label": "negative", "score": 0.9748, "scores": {"negative": 0.9748, "positive": 0.0252}},
+]}
+
+TOKEN_ANSWER = {"task": "conll-ner", "version": 1, "predictions": [{
+    "tokens": [
+        {"word": "Angela", "start": 0, "end": 6, "label": "B-PER", "score": 0.993},
+        {"word": "Merkel", "start": 7, "end": 13, "label": "I-PER", "score": 0.998},
+        {"word": "visited", "start": 14, "end": 21, "label": "O", "score": 0.999},
+        {"word": "Washington", "start": 22, "end": 32, "label": "B-LOC", "score": 0.994},
+        {"word": ".", "start": 32, "end": 33, "label": "O", "score": 0.999},
+    ],
+    "entities": [
+        {"text": "Angela Merkel", "label": "PER", "start": 0, "end": 13, "score": 0.996},
+        {"text": "Washington", "label": "LOC", "start": 22, "end": 32, "score": 0.994},
+    ],
+}]}
+
+MEMORY = {
+    "backbone_bytes": 90852864, "num_tasks": 4,
+    "tasks": [{"name": "conll-ner", "method": "lora", "delta_bytes": 311884, "head_bytes": 13860},
+              {"name": "sst2-dsee", "method": "dsee", "delta_bytes": 1636856, "head_bytes": 3080},
+              {"name": "sst2-mask", "method": "mask", "delta_bytes": 909256, "head_bytes": 3080},
+              {"name": "sst2-pasta", "method": "pasta", "delta_bytes": 22024, "head_bytes": 3080}],
+    "delta_bytes_total": 2880020, "serving_bytes": 93732884, "finetuned_copies_bytes": 363434556,
+    "saved_bytes": 269701672, "saved_fraction": 0.7421, "resident_delta_bytes": 2446812,
+}
+
+BACKBONE = {
+    "name": "all-MiniLM-L6-v2", "fingerprint": FINGERPRINT, "model_type": "bert", "num_layers": 6,
+    "hidden_size": 384, "num_heads": 12, "special_tokens": ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"],
+    "max_length": 512, "parameters": 22713216, "parameter_bytes": 90852864, "device": "cpu", "dtype": "float32",
+    "linear_modules": {"encoder.layer.0.attention.self.query": [384, 384],
+                       "encoder.layer.0.intermediate.dense": [1536, 384],
+                       "encoder.layer.0.output.dense": [384, 1536], "pooler.dense": [384, 384]},
+}
+
+METRICS = """# HELP deltaserve_requests_total HTTP requests answered
+# TYPE deltaserve_requests_total counter
+deltaserve_requests_total{route="/tasks/{name}/predict",status="200",task="sst2-mask"} 1532.0
+# HELP deltaserve_batch_requests requests merged into one engine forward
+# TYPE deltaserve_batch_requests histogram
+deltaserve_batch_requests_bucket{le="8.0"} 311.0
+deltaserve_batch_requests_count 340.0
+deltaserve_batch_requests_sum 1532.0
+# HELP deltaserve_cache_hits_total delta cache hits
+# TYPE deltaserve_cache_hits_total counter
+deltaserve_cache_hits_total 336.0
+"""
+
+# method, path -> {"request": JSON body example, "<status>": answer example}
+EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/tasks/{name}/predict"): {
+        "request": {"inputs": ["a gripping, funny film", "a dull, tedious mess"]},
+        "200": SEQUENCE_ANSWER,
+    },
+    ("get", "/tasks"): {"200": {"tasks": [TASK_INFO]}},
+    ("get", "/tasks/{name}"): {"200": TASK_INFO},
+    ("put", "/tasks/{name}"): {"200": {**TASK_INFO, "version": 2}, "201": TASK_INFO},
+    ("delete", "/tasks/{name}"): {},
+    ("get", "/backbone"): {"200": BACKBONE},
+    ("get", "/memory"): {"200": MEMORY},
+    ("get", "/health"): {"200": {"status": "ok", "backbone": "all-MiniLM-L6-v2", "tasks": 4, "queue_depth": 0}},
+    ("get", "/metrics"): {"200": METRICS},
+}
+
+# Named alternatives shown beside the main example (OpenAPI `examples`).
+MORE = {
+    ("post", "/tasks/{name}/predict", "request"): {
+        "one text": {"value": {"inputs": "a gripping, funny film"}},
+        "texts": {"value": {"inputs": ["a gripping, funny film", "a dull, tedious mess"]}},
+        "pairs (sentence-pair tasks)": {"value": {"inputs": [["A man sleeps.", "Someone rests."]]}},
+        "token classification": {"value": {"inputs": "Angela Merkel visited Washington."}},
+    },
+    ("post", "/tasks/{name}/predict", "200"): {
+        "sequence classification": {"value": SEQUENCE_ANSWER},
+        "token classification": {"value": TOKEN_ANSWER},
+        "regression": {"value": {"task": "stsb", "version": 3, "predictions": [{"value": 3.71}]}},
+    },
+}
+
+DESCRIPTIONS = {
+    ("put", "/tasks/{name}", "200"): "Replaced: the task's new version",
+    ("put", "/tasks/{name}", "201"): "Created: version 1 (or the next version after a delete)",
+}
+
+ERRORS = {
+    "401": "this route needs 'Authorization: Bearer <admin token>'",
+    "404": "task 'sst2' not found",
+    "409": f"backbone_fingerprint: delta was made for backbone 'sha256:0a1b…'; this server runs '{FINGERPRINT}'",
+    "413": "70 inputs in one request; the limit is 64",
+    "422": "inputs[1] is an empty text",
+    "429": "the server is overloaded; retry after 1 s",
+    "503": "the server is shutting down",
+}
+
+
+def _media_examples(content: dict[str, Any], example: Any, more: dict[str, Any] | None) -> None:
+    for media in content.values():
+        if "example" in media or "examples" in media or "example" in media.get("schema", {}):
+            continue  # the route's own
+        if more:
+            media["examples"] = more
+        else:
+            media["example"] = example
+
+
+def add_examples(app: FastAPI) -> None:
+    """Make `app.openapi()` return the generated schema with the examples above filled in."""
+    generate: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                known = EXAMPLES.get((method, path), {})
+                body = operation.get("requestBody", {}).get("content", {})
+                if "request" in known:
+                    _media_examples({k: v for k, v in body.items() if "json" in k}, known["request"],
+                                    MORE.get((method, path, "request")))
+                responses = operation.setdefault("responses", {})
+                for status in sorted(known.keys() - responses.keys() - {"request"}):  # e.g. PUT's 200 "replaced"
+                    twin = next((r for s, r in responses.items() if s.startswith("2") and "content" in r), {})
+                    responses[status] = {"description": DESCRIPTIONS.get((method, path, status), "Successful Response"),
+                                         "content": copy.deepcopy(twin.get("content", {}))}
+                for status, response in responses.items():
+                    if status in known:
+                        content = response.setdefault("content", {})
+                        if isinstance(known[status], str):  # a text answer (/metrics)
+                            content.pop("application/json", None)
+                            content.setdefault("text/plain", {"schema": {"type": "string"}})
+                        elif not content:
+                            content["application/json"] = {}
+                        _media_examples(content, known[status], MORE.get((method, path, status)))
+                    elif status in ERRORS and "content" in response:
+                        _media_examples(response["content"], {"detail": ERRORS[status]}, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
