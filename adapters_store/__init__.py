@@ -5,6 +5,7 @@ plain description of the backbone (`BackboneSpec`).
 """
 
 from adapters_store.format import (
+    MODULE_PARTS,
     BackboneMismatch,
     BackboneSpec,
     DeltaMeta,
@@ -12,15 +13,18 @@ from adapters_store.format import (
     InvalidDelta,
     KeepMask,
     LowRank,
+    ModulePart,
     PastaVectors,
     SparseUpdate,
     TaskDelta,
     TaskHead,
     parse_delta,
+    register_module_part,
 )
 from adapters_store.packing import pack_bits, unpack_bits
 
 __all__ = [
+    "MODULE_PARTS",
     "BackboneMismatch",
     "BackboneSpec",
     "DeltaMeta",
@@ -28,11 +32,13 @@ __all__ = [
     "InvalidDelta",
     "KeepMask",
     "LowRank",
+    "ModulePart",
     "PastaVectors",
     "SparseUpdate",
     "TaskDelta",
     "TaskHead",
     "pack_bits",
     "parse_delta",
+    "register_module_part",
     "unpack_bits",
 ]

@@ -5,24 +5,30 @@ only way in: it checks every rule of the spec against a `BackboneSpec` and eithe
 a fully typed `TaskDelta` or raises `InvalidDelta` naming the offending key, so nothing
 half-valid ever reaches the store or the engine.
 
-Each delta part is a small dataclass that knows its keys, how to validate them and its
-byte size; how a part is *applied* to a mixed batch lives in `server/parts/`.
+Each delta part is a small dataclass that knows its keys, how to validate them, its byte
+size and its dense effect on a weight (through `adapters_store.formula`, the one dense
+formula). Parts that live on a linear module (keep mask, low rank, sparse) are registered
+once with `register_module_part`: the key suffixes the parser accepts, the grouping of a
+delta by module and the byte counts all derive from that registry, so a new part is one
+class here plus its prepared classes in `server/parts/` (one per backend). How a part is
+*applied* to a mixed batch lives there.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters_store.packing import packed_length, pad_bits_are_zero
+from adapters_store.formula import effective_weight
+from adapters_store.packing import packed_length, pad_bits_are_zero, unpack_bits
 
 FORMAT = "task-delta/1"
 METHODS = ("mask", "pasta", "dsee", "lora", "full-head")
@@ -183,17 +189,77 @@ def _check_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
         raise InvalidDelta(key, f"dtype must be {str(dtype).removeprefix('torch.')}, got {tensor.dtype}")
 
 
+class ModulePart:
+    """A part of the formula that lives on one `nn.Linear` of the backbone.
+
+    Subclasses set `kind` (the registry key, also the prepared classes' key) and `suffixes`
+    (the tensor keys `<module>.<suffix>` they own), and implement `parse` (validate the
+    tensors found under those suffixes), `tensors`, `nbytes` and `dense_effect` (this part's
+    term of `W ⊙ K + B·A + S`, applied to a weight; parts compose in registration order).
+    """
+
+    kind: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]
+    module: str
+
+    @classmethod
+    def parse(cls, module: str, shape: tuple[int, int], found: Mapping[str, torch.Tensor]) -> ModulePart:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def dense_effect(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+MODULE_PARTS: dict[str, type[ModulePart]] = {}
+"""kind -> format class, in formula order (the keep mask first: it multiplies, the rest add)."""
+_PART_OF_SUFFIX: dict[str, type[ModulePart]] = {}
+
+
+def register_module_part(cls: type[ModulePart]) -> type[ModulePart]:
+    """Register a module part class (decorator). Its suffixes become valid tensor keys."""
+    if cls.kind in MODULE_PARTS:
+        raise ValueError(f"module part kind {cls.kind!r} is registered twice")
+    for suffix in cls.suffixes:
+        if suffix in _PART_OF_SUFFIX:
+            raise ValueError(f"suffix {suffix!r} already belongs to {_PART_OF_SUFFIX[suffix].__name__}")
+        _PART_OF_SUFFIX[suffix] = cls
+    MODULE_PARTS[cls.kind] = cls
+    return cls
+
+
+def module_part_of_suffix(suffix: str) -> type[ModulePart] | None:
+    """The registered part owning tensor keys `<module>.<suffix>`, or None."""
+    return _PART_OF_SUFFIX.get(suffix)
+
+
+def _both_or_neither(module: str, found: Mapping[str, torch.Tensor], first: str, second: str) -> None:
+    if (first in found) != (second in found):
+        missing = second if first in found else first
+        raise InvalidDelta(f"{module}.{missing}", f"{first} and {second} come together; this one is missing")
+
+
+@register_module_part
 @dataclass(frozen=True)
-class KeepMask:
+class KeepMask(ModulePart):
     """`K_m`: bit-packed binary keep mask over a weight of shape `[out, in]`."""
+
+    kind: ClassVar[str] = "keep"
+    suffixes: ClassVar[tuple[str, ...]] = ("keep",)
 
     module: str
     shape: tuple[int, int]
     packed: torch.Tensor  # uint8 [ceil(out*in/8)]
 
     @classmethod
-    def parse(cls, module: str, shape: tuple[int, int], packed: torch.Tensor) -> KeepMask:
-        key = f"{module}.keep"
+    def parse(cls, module: str, shape: tuple[int, int], found: Mapping[str, torch.Tensor]) -> KeepMask:
+        key, packed = f"{module}.keep", found["keep"]
         _check_dtype(key, packed, torch.uint8)
         _check_shape(key, packed, (packed_length(shape[0] * shape[1]),))
         if not pad_bits_are_zero(packed, shape[0] * shape[1]):
@@ -207,20 +273,26 @@ class KeepMask:
     def nbytes(self) -> int:
         return _nbytes(self.packed)
 
+    def dense_effect(self, weight: torch.Tensor) -> torch.Tensor:
+        return effective_weight(weight, keep=unpack_bits(self.packed, self.shape).to(weight.device))
 
+
+@register_module_part
 @dataclass(frozen=True)
-class LowRank:
+class LowRank(ModulePart):
     """`B_m · A_m` with any scaling already folded into B."""
+
+    kind: ClassVar[str] = "low_rank"
+    suffixes: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 
     module: str
     A: torch.Tensor  # [r, in]
     B: torch.Tensor  # [out, r]
 
     @classmethod
-    def parse(cls, module: str, shape: tuple[int, int], A: torch.Tensor | None, B: torch.Tensor | None) -> LowRank:
-        if A is None or B is None:
-            missing = f"{module}.lora_A" if A is None else f"{module}.lora_B"
-            raise InvalidDelta(missing, "lora_A and lora_B come together; this one is missing")
+    def parse(cls, module: str, shape: tuple[int, int], found: Mapping[str, torch.Tensor]) -> LowRank:
+        _both_or_neither(module, found, "lora_A", "lora_B")
+        A, B = found["lora_A"], found["lora_B"]
         out_features, in_features = shape
         if A.dim() != 2 or A.shape[0] < 1:
             raise InvalidDelta(f"{module}.lora_A", f"shape must be [r, {in_features}] with r >= 1, got {list(A.shape)}")
@@ -240,10 +312,18 @@ class LowRank:
     def nbytes(self) -> int:
         return _nbytes(self.A, self.B)
 
+    def dense_effect(self, weight: torch.Tensor) -> torch.Tensor:
+        device = weight.device
+        return effective_weight(weight, lora_A=self.A.to(device), lora_B=self.B.to(device))
 
+
+@register_module_part
 @dataclass(frozen=True)
-class SparseUpdate:
+class SparseUpdate(ModulePart):
     """`S_m` on a fixed support: distinct flat row-major indices into `[out, in]`."""
+
+    kind: ClassVar[str] = "sparse"
+    suffixes: ClassVar[tuple[str, ...]] = ("sparse_index", "sparse_value")
 
     module: str
     shape: tuple[int, int]
@@ -251,12 +331,9 @@ class SparseUpdate:
     value: torch.Tensor  # float [k]
 
     @classmethod
-    def parse(
-        cls, module: str, shape: tuple[int, int], index: torch.Tensor | None, value: torch.Tensor | None
-    ) -> SparseUpdate:
-        if index is None or value is None:
-            missing = f"{module}.sparse_index" if index is None else f"{module}.sparse_value"
-            raise InvalidDelta(missing, "sparse_index and sparse_value come together; this one is missing")
+    def parse(cls, module: str, shape: tuple[int, int], found: Mapping[str, torch.Tensor]) -> SparseUpdate:
+        _both_or_neither(module, found, "sparse_index", "sparse_value")
+        index, value = found["sparse_index"], found["sparse_value"]
         ikey, vkey = f"{module}.sparse_index", f"{module}.sparse_value"
         _check_dtype(ikey, index, torch.int64)
         if index.dim() != 1:
@@ -275,6 +352,10 @@ class SparseUpdate:
     @property
     def nbytes(self) -> int:
         return _nbytes(self.index, self.value)
+
+    def dense_effect(self, weight: torch.Tensor) -> torch.Tensor:
+        device = weight.device
+        return effective_weight(weight, sparse_index=self.index.to(device), sparse_value=self.value.to(device))
 
 
 @dataclass(frozen=True)
@@ -382,7 +463,7 @@ class TaskHead:
         return _nbytes(self.classifier_weight, self.classifier_bias, self.pooler_weight, self.pooler_bias)
 
 
-Part = KeepMask | LowRank | SparseUpdate | HeadKeep | PastaVectors | TaskHead
+Part = ModulePart | HeadKeep | PastaVectors | TaskHead
 
 
 # --------------------------------------------------------------------------- the delta
@@ -392,17 +473,51 @@ Part = KeepMask | LowRank | SparseUpdate | HeadKeep | PastaVectors | TaskHead
 class TaskDelta:
     meta: DeltaMeta
     head: TaskHead
-    keep: Mapping[str, KeepMask] = field(default_factory=dict)
-    low_rank: Mapping[str, LowRank] = field(default_factory=dict)
-    sparse: Mapping[str, SparseUpdate] = field(default_factory=dict)
+    module_parts: Mapping[str, Mapping[str, ModulePart]] = field(default_factory=dict)  # module -> kind -> part
     head_keep: Mapping[int, HeadKeep] = field(default_factory=dict)
     pasta: PastaVectors | None = None
 
+    @classmethod
+    def from_parts(
+        cls,
+        meta: DeltaMeta,
+        head: TaskHead,
+        parts: Iterable[ModulePart] = (),
+        head_keep: Mapping[int, HeadKeep] | None = None,
+        pasta: PastaVectors | None = None,
+    ) -> TaskDelta:
+        """Group module parts by module (each module's parts in registry order)."""
+        grouped: dict[str, dict[str, ModulePart]] = {}
+        for part in parts:
+            if part.kind in grouped.setdefault(part.module, {}):
+                raise ValueError(f"{part.module}: two {part.kind} parts")
+            grouped[part.module][part.kind] = part
+        ordered = {
+            module: {kind: found[kind] for kind in MODULE_PARTS if kind in found}
+            for module, found in sorted(grouped.items())
+        }
+        return cls(meta, head, ordered, dict(head_keep or {}), pasta)
+
+    def parts_of(self, kind: str) -> dict[str, ModulePart]:
+        """module -> part, for one registered kind."""
+        return {module: found[kind] for module, found in self.module_parts.items() if kind in found}
+
+    @property
+    def keep(self) -> dict[str, KeepMask]:
+        return self.parts_of(KeepMask.kind)  # type: ignore[return-value]
+
+    @property
+    def low_rank(self) -> dict[str, LowRank]:
+        return self.parts_of(LowRank.kind)  # type: ignore[return-value]
+
+    @property
+    def sparse(self) -> dict[str, SparseUpdate]:
+        return self.parts_of(SparseUpdate.kind)  # type: ignore[return-value]
+
     def parts(self) -> Iterator[Part]:
         yield self.head
-        yield from self.keep.values()
-        yield from self.low_rank.values()
-        yield from self.sparse.values()
+        for found in self.module_parts.values():
+            yield from found.values()
         yield from self.head_keep.values()
         if self.pasta is not None:
             yield self.pasta
@@ -427,14 +542,19 @@ class TaskDelta:
 
     def modules(self) -> set[str]:
         """Backbone linear modules this delta changes."""
-        return set(self.keep) | set(self.low_rank) | set(self.sparse)
+        return set(self.module_parts)
+
+    def dense_weight(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        """`W ⊙ K + B·A + S` of one module (head keep is applied separately, on input columns)."""
+        for part in self.module_parts.get(module, {}).values():
+            weight = part.dense_effect(weight)
+        return weight
 
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         return st_save(tensors, metadata=self.meta.to_metadata())
 
 
-_MODULE_SUFFIXES = ("keep", "lora_A", "lora_B", "sparse_index", "sparse_value")
 _HEAD_KEYS = ("head.classifier.weight", "head.classifier.bias", "head.pooler.weight", "head.pooler.bias")
 _LAYER_KEY = re.compile(r"^layers\.(0|[1-9][0-9]*)\.head_keep$")
 
@@ -486,24 +606,17 @@ def parse_delta(data: bytes, spec: BackboneSpec) -> TaskDelta:
             head_keep[layer] = HeadKeep.parse(layer, tensor, spec)
             continue
         module, _, suffix = key.rpartition(".")
-        if suffix not in _MODULE_SUFFIXES:
+        if module_part_of_suffix(suffix) is None:
             raise InvalidDelta(key, "unknown key (see task-delta.md for the allowed keys)")
         if module not in spec.linear_modules:
             raise InvalidDelta(key, f"the backbone has no linear module {module!r}")
         by_module.setdefault(module, {})[suffix] = tensor
 
     head = TaskHead.parse(tensors, meta, spec)
-    keep: dict[str, KeepMask] = {}
-    low_rank: dict[str, LowRank] = {}
-    sparse: dict[str, SparseUpdate] = {}
-    for module, parts in sorted(by_module.items()):
+    parts: list[ModulePart] = []
+    for module, found in sorted(by_module.items()):
         shape = tuple(spec.linear_modules[module])
-        if "keep" in parts:
-            keep[module] = KeepMask.parse(module, shape, parts["keep"])  # type: ignore[arg-type]
-        if "lora_A" in parts or "lora_B" in parts:
-            low_rank[module] = LowRank.parse(module, shape, parts.get("lora_A"), parts.get("lora_B"))  # type: ignore[arg-type]
-        if "sparse_index" in parts or "sparse_value" in parts:
-            sparse[module] = SparseUpdate.parse(
-                module, shape, parts.get("sparse_index"), parts.get("sparse_value")  # type: ignore[arg-type]
-            )
-    return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
+        for cls in MODULE_PARTS.values():
+            if any(suffix in found for suffix in cls.suffixes):
+                parts.append(cls.parse(module, shape, found))  # type: ignore[arg-type]
+    return TaskDelta.from_parts(meta, head, parts, head_keep, pasta)

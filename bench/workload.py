@@ -76,7 +76,7 @@ def make_method_delta(backbone: Backbone, method: str, seed: int, rank: int = 8,
     head = TaskHead(torch.randn(2, d, generator=gen) * 0.05, torch.zeros(2))
     meta = DeltaMeta(method=method, task_type="sequence-classification", labels=("negative", "positive"),
                      backbone_fingerprint=backbone.fingerprint)
-    return TaskDelta(meta, head, keep, low_rank, sparse, {}, pasta)
+    return TaskDelta.from_parts(meta, head, [*keep.values(), *low_rank.values(), *sparse.values()], {}, pasta)
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:

@@ -12,6 +12,7 @@ changes whenever either changes.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -113,6 +114,27 @@ def pad_batch(texts: Sequence[Tokenised], pad_id: int) -> dict[str, torch.Tensor
     return inputs
 
 
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The engine backend for a device: `triton` (grouped kernels) on CUDA, `cpu` elsewhere.
+
+    `triton` on a CPU device only runs under Triton's interpreter (TRITON_INTERPRET=1), which
+    is how the kernels are tested without a GPU; anywhere else it is refused here, at start-up.
+    """
+    if backend in (None, "auto"):
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "cpu"
+    if backend == "cpu":
+        return "cpu"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("the triton backend needs the triton package (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to test on CPU)")
+        return "triton"
+    raise ValueError(f"unknown engine backend {backend!r}: use auto, cpu or triton")
+
+
 class Backbone:
     """A frozen base encoder plus its tokenizer, with everything `GET /backbone` shows."""
 
@@ -123,8 +145,9 @@ class Backbone:
         name: str,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         max_length: int = 128,
+        backend: str | None = None,
     ) -> None:
         model_type = model.config.model_type
         if model_type not in LAYOUTS:
@@ -136,9 +159,12 @@ class Backbone:
         self.fingerprint = _fingerprint(model, tokenizer)
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:  # half precision on a GPU (fp32 accumulation in the kernels), fp32 on a CPU
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if dtype != torch.float32 and self.device.type != "cuda":
             raise ValueError("float16/bfloat16 backbones are for CUDA; on CPU use float32")
         self.dtype = dtype
+        self.backend = resolve_backend(backend, self.device)
         model.eval().requires_grad_(False)
         self.model = model.to(device=self.device, dtype=dtype)
         config = model.config
@@ -176,8 +202,9 @@ class Backbone:
         path_or_name: str | os.PathLike[str] | None = None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         max_length: int = 128,
+        backend: str | None = None,
     ) -> Backbone:
         source = str(path_or_name) if path_or_name else packaged_model_path()
         name = _display_name(source) if path_or_name else PACKAGED_MODEL_NAME
@@ -186,7 +213,7 @@ class Backbone:
             # A pooler the checkpoint lacks would be random: drop it rather than serve noise.
             model = AutoModel.from_pretrained(source, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        return cls(model, tokenizer, name, device=device, dtype=dtype, max_length=max_length)
+        return cls(model, tokenizer, name, device=device, dtype=dtype, max_length=max_length, backend=backend)
 
     # ------------------------------------------------------------------ description
 

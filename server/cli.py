@@ -22,13 +22,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from adapters_store.format import InvalidDelta, parse_delta, read_metadata
+from adapters_store.format import InvalidDelta, module_part_of_suffix, parse_delta, read_metadata
 from server.settings import Settings
 from training.cli import add_parsers
-
-# Part names as `TaskDelta.bytes_by_part` gives them, for a file read without its backbone.
-_SUFFIX_PARTS = {"keep": "KeepMask", "lora_A": "LowRank", "lora_B": "LowRank",
-                 "sparse_index": "SparseUpdate", "sparse_value": "SparseUpdate", "head_keep": "HeadKeep"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,8 +184,11 @@ def _parts_without_backbone(path: Path) -> dict[str, int]:
                 part = "TaskHead"
             elif key == "pasta.vectors":
                 part = "PastaVectors"
-            else:
-                part = _SUFFIX_PARTS.get(key.rpartition(".")[2], "unknown")
+            elif key.endswith(".head_keep"):
+                part = "HeadKeep"
+            else:  # the registry knows which part owns each module suffix
+                owner = module_part_of_suffix(key.rpartition(".")[2])
+                part = owner.__name__ if owner is not None else "unknown"
             totals[part] = totals.get(part, 0) + tensor.numel() * tensor.element_size()
     return totals
 

@@ -12,22 +12,11 @@ from dataclasses import dataclass, field
 
 from adapters_store.format import DeltaMeta, TaskDelta, parse_delta
 from server.backbone import Backbone
-from server.parts.head_keep import PreparedHeadKeep
-from server.parts.keep_mask import PreparedKeepMask
-from server.parts.low_rank import PreparedLowRank
+from server.parts import HEAD_KEEP, ModuleParts, PrepareContext, prepare_part
 from server.parts.pasta import PreparedPasta
-from server.parts.sparse import PreparedSparse
 from server.parts.task_head import PreparedTaskHead
 
-
-@dataclass(frozen=True)
-class ModuleParts:
-    """Everything one task changes on one linear module."""
-
-    keep: PreparedKeepMask | None = None
-    low_rank: PreparedLowRank | None = None
-    sparse: PreparedSparse | None = None
-    head_keep: PreparedHeadKeep | None = None  # only on attention output projections
+__all__ = ["ModuleParts", "PreparedDelta", "prepare", "prepare_delta"]
 
 
 @dataclass(eq=False)
@@ -41,6 +30,7 @@ class PreparedDelta:
     modules: dict[str, ModuleParts] = field(default_factory=dict)
     pasta: PreparedPasta | None = None
     load_seconds: float = 0.0
+    backend: str = "cpu"
 
     @property
     def key(self) -> tuple[str, int]:
@@ -48,54 +38,52 @@ class PreparedDelta:
 
     @property
     def has_keep_mask(self) -> bool:
-        return any(parts.keep is not None for parts in self.modules.values())
+        return any(parts.replacing is not None for parts in self.modules.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes this task keeps resident on the device."""
         total = self.head.nbytes + (self.pasta.nbytes if self.pasta else 0)
-        for parts in self.modules.values():
-            for part in (parts.keep, parts.low_rank, parts.sparse, parts.head_keep):
-                if part is not None:
-                    total += part.nbytes
-        return total
+        return total + sum(parts.nbytes for parts in self.modules.values())
 
 
-def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int) -> PreparedDelta:
-    """Move an already validated delta to the backbone's device in its serving form."""
+def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int, backend: str | None = None) -> PreparedDelta:
+    """Move an already validated delta to the backbone's device in `backend`'s serving form.
+
+    Driven by the parts registry alone: every module part is prepared by the class registered
+    for its kind and this backend; head keeps (keyed by layer in the file) join the parts of
+    their layer's attention output projection, where they act.
+    """
     started = time.perf_counter()
-    device, dtype = backbone.device, backbone.dtype
+    backend = backend or backbone.backend
+    context = PrepareContext(backbone.device, backbone.dtype, backbone.head_dim)
     modules: dict[str, ModuleParts] = {}
-    for module in delta.modules():
-        keep, low_rank, sparse = delta.keep.get(module), delta.low_rank.get(module), delta.sparse.get(module)
-        modules[module] = ModuleParts(
-            keep=PreparedKeepMask(keep, device) if keep else None,
-            low_rank=PreparedLowRank(low_rank, device, dtype) if low_rank else None,
-            sparse=PreparedSparse(sparse, device, dtype) if sparse else None,
-        )
     for layer, head_keep in delta.head_keep.items():
-        if not head_keep.dropped_heads:
-            continue
-        module = backbone.attention_output_modules[layer]
-        existing = modules.get(module, ModuleParts())
-        modules[module] = ModuleParts(
-            existing.keep, existing.low_rank, existing.sparse, PreparedHeadKeep(head_keep, backbone.head_dim, device)
-        )
+        if head_keep.dropped_heads:
+            module = backbone.attention_output_modules[layer]
+            modules[module] = ModuleParts({HEAD_KEEP: prepare_part(backend, HEAD_KEEP, head_keep, context)})
+    for module, found in delta.module_parts.items():
+        parts = modules.setdefault(module, ModuleParts())
+        for kind, part in found.items():
+            parts[kind] = prepare_part(backend, kind, part, context)
     prepared = PreparedDelta(
         name=name,
         version=version,
         meta=delta.meta,
-        head=PreparedTaskHead(delta.head, device, dtype),
+        head=PreparedTaskHead(delta.head, backbone.device, backbone.dtype),
         modules=modules,
-        pasta=PreparedPasta(delta.pasta, device, dtype) if delta.pasta is not None else None,
+        pasta=PreparedPasta(delta.pasta, backbone.device, backbone.dtype) if delta.pasta is not None else None,
+        backend=backend,
     )
     prepared.load_seconds = time.perf_counter() - started
     return prepared
 
 
-def prepare_delta(data: bytes, backbone: Backbone, name: str, version: int = 1) -> PreparedDelta:
+def prepare_delta(
+    data: bytes, backbone: Backbone, name: str, version: int = 1, backend: str | None = None
+) -> PreparedDelta:
     """Bytes of a delta file -> validated, device-ready delta. Raises InvalidDelta/BackboneMismatch."""
     started = time.perf_counter()
-    prepared = prepare(parse_delta(data, backbone.spec()), backbone, name, version)
+    prepared = prepare(parse_delta(data, backbone.spec()), backbone, name, version, backend)
     prepared.load_seconds = time.perf_counter() - started
     return prepared

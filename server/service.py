@@ -43,7 +43,9 @@ class Server:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         if backbone is None:
-            backbone = Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
+            dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+            backbone = Backbone.load(settings.backbone, device=settings.device, dtype=dtype,
+                                     max_length=settings.max_length, backend=settings.backend)
         store = open_settings_store(settings, backbone)
         seed_demo(store, settings)
         for info in store.list():

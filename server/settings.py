@@ -7,6 +7,7 @@ Flags given on the command line win over environment variables, which win over d
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,10 @@ class Settings(BaseSettings):
     backbone: str | None = Field(None, description="folder or hub name of the backbone; default: packaged MiniLM")
     admin_token: str | None = Field(None, description="when set, PUT and DELETE need 'Authorization: Bearer <token>'")
     device: str | None = Field(None, description="torch device; default: cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="backbone precision; auto = float16 on CUDA, float32 on CPU")
+    backend: Literal["auto", "cpu", "triton"] = Field(
+        "auto", description="engine backend; auto = triton (grouped kernels) on CUDA, cpu elsewhere")
 
     max_length: int = Field(128, ge=2, description="truncation for tasks whose delta names no max_length")
     max_inputs: int = Field(64, ge=1, description="most inputs in one predict request (413 beyond)")

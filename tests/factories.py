@@ -76,4 +76,4 @@ def make_delta(
         backbone_fingerprint=backbone.fingerprint,
         problem_type=problem_type,
     )
-    return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
+    return TaskDelta.from_parts(meta, head, [*keep.values(), *low_rank.values(), *sparse.values()], head_keep, pasta)

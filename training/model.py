@@ -251,7 +251,8 @@ class DeltaModel(nn.Module):
             )
             head_keep = {layer: HeadKeep(layer, keep_.clone()) for layer, keep_ in sorted(self.head_keep.items())}
             pasta = PastaVectors(self.pasta.detach().cpu().clone()) if self.pasta is not None else None
-        return TaskDelta(meta, head, keep, low_rank, sparse, head_keep, pasta)
+        parts = [*keep.values(), *low_rank.values(), *sparse.values()]
+        return TaskDelta.from_parts(meta, head, parts, head_keep, pasta)
 
     def load_delta(self, delta: TaskDelta) -> None:
         """Install a parsed delta's parts (frozen) so this model computes what it specifies."""

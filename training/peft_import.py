@@ -111,4 +111,4 @@ def import_peft(folder: str | Path, backbone: Backbone, *, labels: list[str] | N
                      description=f"imported from PEFT adapter {folder.name}")
     task_head = TaskHead(head["head.classifier.weight"], head["head.classifier.bias"],
                          head.get("head.pooler.weight"), head.get("head.pooler.bias"))
-    return TaskDelta(meta, task_head, low_rank=low_rank)
+    return TaskDelta.from_parts(meta, task_head, low_rank.values())

@@ -1,1 +1,113 @@
-"""Compute backends of the engine (see each module)."""
+"""Engine backends: how the formula's linear-module parts and the task heads run on a device.
+
+The engine (`server/engine.py`) owns what every backend shares: sorting rows into task
+segments, padding, PASTA, the forward lock, the caller's order. A backend owns the rest:
+
+- `install` replaces every `nn.Linear` of the backbone in place by its own linear class,
+  which shares the very same weight and bias tensors (no copy);
+- `plan` turns a batch's segments into per-module plans, built once per batch;
+- `activate` hands each module its plan for one forward (None = a plain `nn.Linear`);
+- `classify` runs the task heads.
+
+Two backends compute exactly task-delta.md's formula, each tuned for its device:
+
+- `cpu` (`backends/cpu.py`) — per task segment: BLAS GEMMs on views, a keep mask applied by
+  zeroing the shared weight in place or by materialising `W ⊙ K` into a scratch buffer;
+- `triton` (`backends/triton.py`) — grouped Triton kernels, one launch per module and part
+  kind whatever the number of tasks, packed masks unpacked in registers.
+
+Which runs is chosen by device (`server.backbone.resolve_backend`); prepared parts are
+registered per backend in `server/parts/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from server.backbone import Backbone
+    from server.delta import PreparedDelta
+
+Segment = tuple[int, int, "PreparedDelta"]  # rows [start, end) of the sorted batch, one task
+
+
+class BackendLinear(nn.Linear):
+    """Base of a backend's linear module: shares the base module's tensors, runs its plan."""
+
+    def __init__(self, base: nn.Linear, name: str) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # shared, never copied
+        self.bias = base.bias
+        self.module_name = name
+        self.plan: Any = None
+
+
+class Backend:
+    name: ClassVar[str]
+    linear_class: ClassVar[type[BackendLinear]]
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self.linears: dict[str, BackendLinear] = {}
+
+    def install(self) -> None:
+        """Replace the backbone's linear modules in place by this backend's (idempotent)."""
+        model = self.backbone.model
+        for name in self.backbone.linear_modules:
+            base = model.get_submodule(name)
+            module = base if type(base) is self.linear_class else self.make_linear(base, name)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module)
+            self.linears[name] = module  # type: ignore[assignment]
+
+    def make_linear(self, base: nn.Linear, name: str) -> BackendLinear:
+        return self.linear_class(base, name)
+
+    def plan(self, segments: Sequence[Segment], seq_len: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @contextmanager
+    def activate(self, plans: dict[str, Any]) -> Iterator[None]:
+        for name, plan in plans.items():
+            self.linears[name].plan = plan
+        try:
+            yield
+        finally:
+            for name in plans:
+                self.linears[name].plan = None
+
+    def classify(
+        self, hidden: torch.Tensor, pooled: torch.Tensor | None, segments: Sequence[Segment], lengths: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Logits per sorted row on the CPU: [C] (sequence) or [tokens, C] (token classification).
+
+        Per segment, with one device-to-host copy per segment; a backend may group them.
+        """
+        outputs: list[torch.Tensor] = []
+        for start, end, delta in segments:
+            if delta.meta.task_type == "token-classification":
+                logits = delta.head.classify_tokens(hidden[start:end]).float().cpu()
+                outputs.extend(logits[i, : lengths[start + i]] for i in range(end - start))
+            else:
+                seg_pooled = pooled[start:end] if pooled is not None else None
+                outputs.extend(delta.head.classify_sequences(hidden[start:end], seg_pooled).float().cpu().unbind(0))
+        return outputs
+
+
+def create_backend(name: str, backbone: Backbone) -> Backend:
+    if name == "cpu":
+        from server.backends.cpu import CpuBackend
+
+        return CpuBackend(backbone)
+    if name == "triton":
+        from server.backends.triton import TritonBackend
+
+        return TritonBackend(backbone)
+    raise ValueError(f"unknown engine backend {name!r}")

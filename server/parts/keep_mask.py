@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from adapters_store.format import KeepMask
+from server.parts import PrepareContext, register_prepared
 
 _BIT_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _INT16_MAX = 32767
@@ -54,8 +55,14 @@ def _bit_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _BIT_TABLES[key]
 
 
+@register_prepared("keep", "cpu")
 class PreparedKeepMask:
-    def __init__(self, part: KeepMask, device: torch.device) -> None:
+    """The CPU backend's keep mask: zero positions (few zeros) or packed bits (see above)."""
+
+    role = "replace"
+
+    def __init__(self, part: KeepMask, context: PrepareContext) -> None:
+        device = context.device
         self.shape = part.shape
         count = part.shape[0] * part.shape[1]
         packed = part.packed.numpy()
@@ -107,3 +114,22 @@ class PreparedKeepMask:
             return out
         bits = _bit_table(weight.device, weight.dtype).index_select(0, self.packed.to(torch.int32)).view(-1)
         return torch.mul(weight, bits[: weight.numel()].view_as(weight), out=out)
+
+
+@register_prepared("keep", "triton")
+class PackedKeepMask:
+    """The Triton backend's keep mask: the file's packed bits as they are, on the device.
+
+    The grouped masked-linear kernel reads them tile by tile and unpacks them in registers, so
+    nothing weight-sized is ever built and a task costs exactly its mask's bytes.
+    """
+
+    role = "replace"
+
+    def __init__(self, part: KeepMask, context: PrepareContext) -> None:
+        self.shape = part.shape
+        self.packed = part.packed.to(context.device).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()

@@ -12,14 +12,25 @@ from __future__ import annotations
 import torch
 
 from adapters_store.format import LowRank
+from server.parts import PrepareContext, register_prepared
 
 
+@register_prepared("low_rank", "cpu", "triton")
 class PreparedLowRank:
-    def __init__(self, part: LowRank, device: torch.device, dtype: torch.dtype) -> None:
+    """A, B on the device in the backbone's dtype, contiguous (the Triton kernels read them by pointer)."""
+
+    role = "correct"
+
+    def __init__(self, part: LowRank, context: PrepareContext) -> None:
+        device, dtype = context.device, context.dtype
         self.A = part.A.to(device=device, dtype=dtype).contiguous()  # [r, in]
         self.B = part.B.to(device=device, dtype=dtype).contiguous()  # [out, r]
         self._A_t = self.A.t()
         self._B_t = self.B.t()
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
 
     @property
     def nbytes(self) -> int:

@@ -11,10 +11,17 @@ from __future__ import annotations
 import torch
 
 from adapters_store.format import SparseUpdate
+from server.parts import PrepareContext, register_prepared
 
 
+@register_prepared("sparse", "cpu")
 class PreparedSparse:
-    def __init__(self, part: SparseUpdate, device: torch.device, dtype: torch.dtype) -> None:
+    """Ω as (row, column) pairs plus values, on the device."""
+
+    role = "correct"
+
+    def __init__(self, part: SparseUpdate, context: PrepareContext) -> None:
+        device, dtype = context.device, context.dtype
         in_features = part.shape[1]
         index = part.index.to(device)
         self.flat_index = index
@@ -32,3 +39,23 @@ class PreparedSparse:
 
     def add_to_weight(self, weight: torch.Tensor) -> None:
         weight.view(-1).index_add_(0, self.flat_index, self.values)
+
+
+@register_prepared("sparse", "triton")
+class SortedSparse:
+    """The Triton backend's sparse part: Ω's flat indices ascending, values alongside.
+
+    Sorted once here so that the kernel finds a tile's entries by binary search instead of
+    scattering with atomics (see `server/backends/triton_ops.py`).
+    """
+
+    role = "correct"
+
+    def __init__(self, part: SparseUpdate, context: PrepareContext) -> None:
+        order = torch.argsort(part.index)
+        self.index = part.index[order].to(device=context.device, dtype=torch.int64).contiguous()
+        self.values = part.value[order].to(device=context.device, dtype=context.dtype).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * 8 + self.values.numel() * self.values.element_size()
