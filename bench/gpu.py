@@ -1,0 +1,208 @@
+"""The engine on a GPU: grouped Triton kernels against the dense ceiling and every baseline.
+
+    python -m bench.gpu                          # MiniLM; add --mpnet PATH for the 12-layer MPNet base
+    python -m bench.gpu --ks 1,16,64,256 --methods pasta,lora,mask,dsee,mix --batch 64 --tokens 128
+    python -m bench.gpu --http                   # also the HTTP server on the GPU (64 clients, 16 tasks)
+
+Per point (model, method, k distinct tasks in a batch of `batch` × `tokens`), all in one run,
+interleaved, medians of `--repeats` (CUDA-synchronised wall time):
+
+- `dense`     — the plain backbone on the same batch (the ceiling);
+- `grouped`   — the engine with the `triton` backend (grouped kernels, one launch per module);
+- `segmented` — the engine with the `cpu` backend (per task segment) on the same GPU: the
+                previous engine, for the "≥ 3× at k = 64" target;
+- `peft`      — PEFT's mixed batch (`adapter_names`) for LoRA;
+- `copies`    — one full model copy per task, rows grouped by task, where memory allows.
+
+Logits of `grouped` are checked against `segmented` (same precision) at every first point of a
+method. Device memory per task is measured (`torch.cuda.memory_allocated` around preparing k
+tasks) and compared with the delta's bytes. Results go to the GPU section of BENCHMARKS.md
+(`--write`) with the device, CUDA and Triton versions.
+
+Without a GPU this only runs as a smoke test of its own logic (`--allow-cpu`: Triton's
+interpreter, tiny shapes), which is how CI keeps it working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench.baselines import PeftMixed, TaskCopies, max_difference, plain_copy
+from bench.engine import commit
+from bench.workload import make_method_delta, texts_of_exact_length
+from server.backbone import Backbone
+from server.delta import prepare
+from server.engine import Engine, Row
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("dense", "grouped", "segmented", "peft", "copies")
+
+
+@dataclass
+class GpuPoint:
+    model: str
+    method: str
+    tasks: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_per_task: float = 0.0
+    device_bytes_per_task: float = 0.0
+    max_diff: float | None = None
+
+    def ratio(self, side: str) -> float | None:
+        """grouped's speed over `side`'s (dense: the fraction of the ceiling reached)."""
+        if side not in self.seconds or "grouped" not in self.seconds:
+            return None
+        if side == "dense":
+            return self.seconds["dense"] / self.seconds["grouped"]
+        return self.seconds[side] / self.seconds["grouped"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    for fn in fns.values():  # warm-up: autotuning, allocator, cuBLAS handles
+        fn()
+    samples: dict[str, list[float]] = {side: [] for side in fns}
+    for _ in range(repeats):
+        for side, fn in fns.items():
+            _sync(device)
+            started = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[side].append(time.perf_counter() - started)
+    return {side: statistics.median(values) for side, values in samples.items()}
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def run(model_path: str | None, model_label: str, ks: list[int], methods: list[str], batch: int, tokens: int,
+        repeats: int, device: torch.device, dtype: torch.dtype, copies_budget: int) -> list[GpuPoint]:
+    grouped_backbone = Backbone.load(model_path, device=device, dtype=dtype, backend="triton")
+    segmented_backbone = Backbone.load(model_path, device=device, dtype=dtype, backend="cpu")
+    pristine = plain_copy(segmented_backbone.model)  # before any engine swaps its modules
+    grouped, segmented = Engine(grouped_backbone), Engine(segmented_backbone)
+    texts = texts_of_exact_length(grouped_backbone, batch, tokens)
+    model_bytes = grouped_backbone.parameter_bytes
+    points: list[GpuPoint] = []
+    for method in methods:
+        checked = False
+        for k in ks:
+            deltas = [make_method_delta(grouped_backbone, method, seed) for seed in range(k)]
+            before = _allocated(device)
+            fast = [prepare(d, grouped_backbone, f"{method}-{i}", 1) for i, d in enumerate(deltas)]
+            _sync(device)
+            point = GpuPoint(model_label, method, k)
+            point.device_bytes_per_task = (_allocated(device) - before) / k
+            point.bytes_per_task = sum(d.nbytes for d in deltas) / k
+            slow = [prepare(d, segmented_backbone, f"{method}-{i}", 1) for i, d in enumerate(deltas)]
+            rows = [Row(fast[i % k], t) for i, t in enumerate(texts)]
+            slow_rows = [Row(slow[i % k], t) for i, t in enumerate(texts)]
+            pairs = [(slow[i % k], t) for i, t in enumerate(texts)]
+            fns: dict[str, Callable[[], object]] = {
+                "dense": lambda: grouped.forward_dense(texts),
+                "grouped": lambda r=rows: grouped.forward(r),
+                "segmented": lambda r=slow_rows: segmented.forward(r),
+            }
+            if method == "lora":
+                peft = PeftMixed(segmented_backbone, pristine, slow)
+                fns["peft"] = lambda p=pairs, m=peft: m.forward(p)
+            copies = None
+            if k * model_bytes <= copies_budget:
+                copies = TaskCopies(segmented_backbone, pristine, slow)
+                fns["copies"] = lambda p=pairs, c=copies: c.forward(p)
+            if not checked:
+                point.max_diff = max_difference(grouped.forward(rows), segmented.forward(slow_rows))
+                checked = True
+            point.seconds = _median_seconds(fns, repeats, device)
+            points.append(point)
+            del copies, fns
+            print(f"{model_label} {method:5s} k={k:3d} grouped {batch / point.seconds['grouped']:8.1f} seq/s  "
+                  + "  ".join(f"{s} {point.ratio(s):.2f}×" for s in SIDES
+                              if s != "grouped" and point.ratio(s) is not None)
+                  + f"  device B/task {point.device_bytes_per_task:,.0f} (delta {point.bytes_per_task:,.0f})",
+                  flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return points
+
+
+def versions(device: torch.device) -> str:
+    import triton
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"{name}, CUDA {torch.version.cuda}, torch {torch.__version__}, Triton {triton.__version__}"
+    return (f"CPU (Triton interpreter: a smoke run, not a measurement), torch {torch.__version__}, "
+            f"Triton {triton.__version__}")
+
+
+def table(points: list[GpuPoint]) -> str:
+    lines = ["| model | method | k | grouped seq/s | × dense | × segmented | × PEFT | × copies "
+             "| device B/task | delta B/task | max |Δ| vs segmented |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        def cell(side: str, point: GpuPoint = p) -> str:
+            r = point.ratio(side)
+            return "–" if r is None else f"{r:.2f}×"
+        batch_rate = 1.0 / p.seconds["grouped"]
+        lines.append(f"| {p.model} | {p.method} | {p.tasks} | {batch_rate:.1f} batches/s | {cell('dense')} "
+                     f"| {cell('segmented')} | {cell('peft')} | {cell('copies')} | {p.device_bytes_per_task:,.0f} "
+                     f"| {p.bytes_per_task:,.0f} | {'' if p.max_diff is None else f'{p.max_diff:.2e}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--mpnet", default=None, help="also run the 12-layer MPNet base from this folder")
+    parser.add_argument("--ks", default="1,16,64,256")
+    parser.add_argument("--methods", default="pasta,lora,mask,dsee,mix")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--copies-gib", type=float, default=40.0, help="device memory allowed for per-task copies")
+    parser.add_argument("--allow-cpu", action="store_true", help="smoke-run on CPU in Triton's interpreter")
+    parser.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    elif args.allow_cpu:
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        raise SystemExit("bench.gpu needs a CUDA GPU (use --allow-cpu for a smoke run in Triton's interpreter)")
+    ks = [int(k) for k in args.ks.split(",")]
+    methods = args.methods.split(",")
+    budget = int(args.copies_gib * 2**30)
+    models = [(args.backbone, "MiniLM-L6" if args.backbone is None else Path(args.backbone).name)]
+    if args.mpnet:
+        models.append((args.mpnet, "MPNet-base"))
+    points: list[GpuPoint] = []
+    for path, label in models:
+        points += run(path, label, ks, methods, args.batch, args.tokens, args.repeats, device, dtype, budget)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"### GPU engine, batch {args.batch} × {args.tokens} tokens, {args.dtype} — {now}, commit {commit()}\n\n"
+               f"Device: {versions(device)}. Median of {args.repeats} interleaved runs per side; ratios are "
+               f"grouped's speed over each side's (× dense = fraction of the ceiling).\n\n{table(points)}\n")
+    print(section)
+    if args.write:
+        path = ROOT / "BENCHMARKS.md"
+        path.write_text(path.read_text().rstrip() + "\n\n" + section)
+
+
+if __name__ == "__main__":
+    main()
