@@ -139,6 +139,24 @@ def run(model_path: str | None, model_label: str, ks: list[int], methods: list[s
     return points
 
 
+def _http(model_path: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The real server (`python -m server serve`, backend and dtype chosen by device) under 64 clients."""
+    from bench import http
+    from bench.workload import METHODS, sentences
+
+    backbone = Backbone.load(model_path, device=device, dtype=dtype)
+    engine = Engine(backbone)
+    deltas = [make_method_delta(backbone, METHODS[i % len(METHODS)], i).to_bytes() for i in range(16)]
+    texts = [" ".join(sentences(2, seed=i)) for i in range(64)]
+    levels = http.run(backbone, engine, deltas, texts, {64: 640}, threads=4)
+    lines = ["| clients | requests | errors | server seq/s | engine offline seq/s | ratio | p50 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {lv.clients} | {lv.requests} | {lv.errors} | {lv.seq_per_s:.1f} | {lv.offline_seq_per_s:.1f} "
+              f"| {lv.ratio:.2f}× | {lv.p50_ms:.0f} | {lv.p99_ms:.0f} |" for lv in levels]
+    return "HTTP server on this device, 16 mixed tasks (pasta, lora, mask, dsee), one input per request:\n\n" \
+        + "\n".join(lines)
+
+
 def versions(device: torch.device) -> str:
     import triton
 
@@ -177,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--copies-gib", type=float, default=40.0, help="device memory allowed for per-task copies")
     parser.add_argument("--allow-cpu", action="store_true", help="smoke-run on CPU in Triton's interpreter")
+    parser.add_argument("--http", action="store_true",
+                        help="also the HTTP server on this device: 64 clients, 16 mixed tasks, vs the engine offline")
     parser.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
@@ -194,10 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     points: list[GpuPoint] = []
     for path, label in models:
         points += run(path, label, ks, methods, args.batch, args.tokens, args.repeats, device, dtype, budget)
+    http_lines = ""
+    if args.http:
+        http_lines = "\n" + _http(None, device, dtype) + "\n"  # the server runs the packaged MiniLM
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"### GPU engine, batch {args.batch} × {args.tokens} tokens, {args.dtype} — {now}, commit {commit()}\n\n"
                f"Device: {versions(device)}. Median of {args.repeats} interleaved runs per side; ratios are "
-               f"grouped's speed over each side's (× dense = fraction of the ceiling).\n\n{table(points)}\n")
+               f"grouped's speed over each side's (× dense = fraction of the ceiling).\n\n{table(points)}\n"
+               f"{http_lines}")
     print(section)
     if args.write:
         path = ROOT / "BENCHMARKS.md"
