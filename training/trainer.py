@@ -223,7 +223,12 @@ def probe_threads(model: DeltaModel, batch: dict[str, torch.Tensor]) -> int:
                 best = min(best, time.perf_counter() - tick)
             timings[n] = best
     model.zero_grad(set_to_none=True)
-    fastest = min(timings, key=lambda n: timings[n])
+    # More threads must win clearly: under bursty contention a lucky timing is not worth the
+    # risk of oversubscription, which costs far more than it saves.
+    fastest = candidates[0]
+    for n in candidates[1:]:
+        if timings[n] < 0.8 * timings[fastest]:
+            fastest = n
     torch.set_num_threads(fastest)
     return fastest
 
