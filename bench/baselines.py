@@ -40,13 +40,17 @@ def plain_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     for name, module in list(clone.named_modules()):
         if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            plain.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
-            if module.bias is not None:
-                plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(clone.get_submodule(parent_name) if parent_name else clone, child, plain)
+            Backbone.replace_module(clone, name, _plain_linear)
     return clone.eval().requires_grad_(False)
+
+
+def _plain_linear(module: nn.Module) -> nn.Linear:
+    assert isinstance(module, nn.Linear)
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    plain.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+    if module.bias is not None:
+        plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return plain
 
 
 def apply_parts_(weight: torch.Tensor, parts: ModuleParts) -> None:
