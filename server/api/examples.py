@@ -53,6 +53,9 @@ MEMORY = {
               {"name": "sst2-pasta", "method": "pasta", "delta_bytes": 22024, "head_bytes": 3080}],
     "delta_bytes_total": 2880020, "serving_bytes": 93732884, "finetuned_copies_bytes": 363434556,
     "saved_bytes": 269701672, "saved_fraction": 0.7421, "resident_delta_bytes": 2446812,
+    "resident": [{"name": "sst2-dsee", "version": 1, "bytes": 1540720},
+                 {"name": "sst2-mask", "version": 1, "bytes": 906092}],
+    "replica": None,
 }
 
 BACKBONE = {
