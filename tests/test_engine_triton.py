@@ -69,7 +69,7 @@ def _check_mixed_batch(backbone: Backbone, pristine, deltas, tolerance: float, s
     engine = Engine(backbone)
     assert engine.backend.name == "triton"
     prepared = [prepare(d, backbone, f"task{i}", 1) for i, d in enumerate(deltas)]
-    refs = [ReferenceTask(pristine, d, set(backbone.special_ids)) for d in deltas]
+    refs = [ReferenceTask(pristine, d) for d in deltas]
     rng = random.Random(seed)
     encoded = backbone.encode(TEXTS)
     # ragged segments: 1 to 3 rows a task, shuffled so the engine has to sort them
