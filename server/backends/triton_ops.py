@@ -45,7 +45,13 @@ Without CUDA the kernels can only run in Triton's interpreter (`TRITON_INTERPRET
 tensors); that is how CI tests them. `@triton.jit` reads that switch when the kernels are
 defined, so this module sets it at import when no GPU is present (the environment variable, so
 the process's other Triton users see the same), and then uses tiny tiles (the interpreter runs
-every program in Python). On a GPU the tile shapes are autotuned.
+every program in Python). On a GPU the tile shapes are autotuned. `compile_for_gpu` compiles the
+kernels to Hopper cubins on a machine without a GPU, so CI also checks the compiled path.
+
+Open for measurement on a GPU (not done: no GPU in the session that wrote this): the keep-mask
+branch sits inside the K loop (uniform per program; Triton may not software-pipeline the mask
+loads there); the autotune configs are educated guesses; fused vs unfused epilogue, and the grouped
+kernel vs cuBLAS for rows without a mask, are what `bench/gpu_kernels.py` times.
 """
 
 from __future__ import annotations
@@ -572,3 +578,41 @@ def sparse_add(x: torch.Tensor, y: torch.Tensor, sparse: SparseArgs, plan: Segme
     _check_rows(x, plan)
     _check_rows(y, plan)
     _delta_add(y, plan, x, x.shape[1], None, sparse, x.dtype)
+
+
+def compile_for_gpu(arch: int = 90, dtype: torch.dtype = torch.float16) -> list[str]:
+    """Compile one variant of every kernel to a cubin for `sm_<arch>` (default Hopper), without a GPU.
+
+    The interpreter runs the kernels' Python, not Triton's compiler: type or layout errors that
+    only the compiled path meets (loop-carried types, `tl.dot` shapes, the bit fan-out's reshape)
+    would first show on a GPU. This needs the module imported with `TRITON_INTERPRET=0` (ptxas
+    ships with Triton); the tests run it in a subprocess. Returns one line per kernel compiled.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("kernels were defined for the interpreter; import with TRITON_INTERPRET=0")
+    elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    types = {"x_ptr": f"*{elem}", "w_ptr": f"*{elem}", "bias_ptr": f"*{elem}", "y_ptr": f"*{elem}", "t_ptr": "*fp32",
+             "mask_ptrs": "*i64", "b_ptrs": "*i64", "a_ptrs": "*i64", "index_ptrs": "*i64", "value_ptrs": "*i64",
+             "ranks_ptr": "*i32", "nnz_ptr": "*i32", "seg_end_ptr": "*i32", "block_seg_ptr": "*i32",
+             "block_row_ptr": "*i32"}
+    dtypes = _dtypes(dtype)
+    variants = [
+        (_masked_linear_kernel, dict(HAS_BIAS=True, HAS_LORA=True, HAS_SPARSE=True, BLOCK_M=64, BLOCK_N=128,
+                                     BLOCK_K=64, BLOCK_R=16, BYTE_ALIGNED=True)),
+        (_masked_linear_kernel, dict(HAS_BIAS=False, HAS_LORA=False, HAS_SPARSE=False, BLOCK_M=16, BLOCK_N=64,
+                                     BLOCK_K=32, BLOCK_R=16, BYTE_ALIGNED=False)),
+        (_delta_add_kernel, dict(HAS_LORA=True, HAS_SPARSE=True, BLOCK_M=32, BLOCK_N=128, BLOCK_R=32)),
+        (_lora_shrink_kernel, dict(BLOCK_M=64, BLOCK_R=16, BLOCK_K=128)),
+    ]
+    done = []
+    for kernel, constants in variants:
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        constants = {**constants, **dtypes}
+        signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": 4, "num_stages": 3})
+        done.append(f"{fn.__name__} sm_{arch} {elem}: {compiled.metadata.shared} B shared memory")
+    return done
