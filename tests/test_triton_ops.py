@@ -106,12 +106,12 @@ def test_masked_linear_mixes_masked_and_plain_segments(dtype: torch.dtype, n: in
     torch.testing.assert_close(y, expected, **TOL[dtype])
 
 
-def test_masked_linear_without_bias_into_given_output_and_every_bit_used() -> None:
+def test_masked_linear_strided_weight_no_bias_given_output_every_bit_placed() -> None:
     gen = torch.Generator().manual_seed(1)
     n, k = 9, 10
     lengths = [2, 1, 6]
     x = rand(sum(lengths), k, gen=gen)
-    weight = rand(n, k, gen=gen)
+    weight = rand(k, n, gen=gen).T  # a strided view: read in place, never copied
     # Masks that differ in exactly one bit each: a misplaced bit shows up in the result.
     keeps = []
     for flip in (0, n * k - 1, 37):
@@ -134,6 +134,10 @@ def test_masked_linear_rejects_mismatched_shapes() -> None:
     x = torch.zeros(3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="does not fit"):
         ops.masked_linear(x, torch.zeros(2, 5, device=DEVICE), None, plan, ops.pointer_table([None], DEVICE))
+    with pytest.raises(ValueError, match="mask_ptrs"):
+        ops.masked_linear(x, torch.zeros(2, 4, device=DEVICE), None, plan, ops.pointer_table([None, None], DEVICE))
+    with pytest.raises(ValueError, match="ranks"):
+        ops.lora_shrink(x, plan, ops.pointer_table([None], DEVICE), torch.zeros(1, dtype=torch.int64), 4)
     with pytest.raises(ValueError, match="plan covers"):
         ops.masked_linear(torch.zeros(4, 4, device=DEVICE), torch.zeros(2, 4, device=DEVICE), None, plan,
                           ops.pointer_table([None], DEVICE))

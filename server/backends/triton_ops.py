@@ -465,6 +465,14 @@ def _launch_meta(**fixed: int) -> dict[str, int]:
     return {**_INTERPRET_TILES, **fixed} if INTERPRET else fixed
 
 
+def _check_tables(plan: SegmentPlan, **tables: torch.Tensor) -> None:
+    """Per-segment tables: one entry per segment, int64 pointers, int32 counts (shape and dtype only: no sync)."""
+    for name, table in tables.items():
+        want = torch.int64 if name.endswith("ptrs") else torch.int32
+        if table.shape != (plan.num_segments,) or table.dtype != want:
+            raise ValueError(f"{name}: expected {want} [{plan.num_segments}], got {table.dtype} {list(table.shape)}")
+
+
 def _check_rows(x: torch.Tensor, plan: SegmentPlan) -> None:
     if x.dim() != 2:
         raise ValueError(f"expected 2-D rows, got shape {tuple(x.shape)}")
@@ -486,6 +494,11 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     N, K = weight.shape
     if x.shape[1] != K or x.dtype != weight.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
+    _check_tables(plan, mask_ptrs=mask_ptrs)
+    if lora is not None:
+        _check_tables(plan, b_ptrs=lora.b_ptrs, ranks=lora.ranks)
+    if sparse is not None:
+        _check_tables(plan, index_ptrs=sparse.index_ptrs, value_ptrs=sparse.value_ptrs, nnz=sparse.nnz)
     if out is None:
         out = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
     if plan.num_blocks == 0:
@@ -493,17 +506,16 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     t, b_ptrs, ranks = (lora.t, lora.b_ptrs, lora.ranks) if lora else (x, mask_ptrs, mask_ptrs)
     index_ptrs, value_ptrs, nnz = (sparse.index_ptrs, sparse.value_ptrs, sparse.nnz) if sparse else \
         (mask_ptrs, mask_ptrs, mask_ptrs)
-    w = weight if weight.stride(1) == 1 else weight.contiguous()
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), plan.num_blocks)
 
     _masked_linear_kernel[grid](
-        x, w, bias if bias is not None else x, out,
+        x, weight, bias if bias is not None else x, out,
         plan.seg_end, plan.block_seg, plan.block_row, mask_ptrs,
         t, b_ptrs, ranks, index_ptrs, value_ptrs, nnz,
         N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), t.stride(0),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), t.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=lora is not None, HAS_SPARSE=sparse is not None,
         BYTE_ALIGNED=K % 8 == 0, **_dtypes(x.dtype),
         **_launch_meta(BLOCK_M=plan.block_m, BLOCK_R=_rank_block(t.shape[1] if lora else 16)),
@@ -518,6 +530,7 @@ def lora_shrink(x: torch.Tensor, plan: SegmentPlan, a_ptrs: torch.Tensor, ranks:
     `a_ptrs[s]` points at task s's `A [r_s, K]` (contiguous, x's dtype); `ranks[s]` = r_s, 0 = none.
     """
     _check_rows(x, plan)
+    _check_tables(plan, a_ptrs=a_ptrs, ranks=ranks)
     t = torch.empty((x.shape[0], max_rank), device=x.device, dtype=torch.float32)
     if plan.num_blocks == 0 or max_rank == 0:
         return t.zero_()
@@ -566,6 +579,7 @@ def lora_expand(t: torch.Tensor, plan: SegmentPlan, b_ptrs: torch.Tensor, ranks:
     `b_ptrs[s]` points at task s's `B [N, r_s]` (contiguous, y's dtype); `t` from `lora_shrink`.
     """
     _check_rows(y, plan)
+    _check_tables(plan, b_ptrs=b_ptrs, ranks=ranks)
     _delta_add(y, plan, None, 0, LoraExpandArgs(t, b_ptrs, ranks), None, y.dtype)
 
 
@@ -577,6 +591,7 @@ def sparse_add(x: torch.Tensor, y: torch.Tensor, sparse: SparseArgs, plan: Segme
     """
     _check_rows(x, plan)
     _check_rows(y, plan)
+    _check_tables(plan, index_ptrs=sparse.index_ptrs, value_ptrs=sparse.value_ptrs, nnz=sparse.nnz)
     _delta_add(y, plan, x, x.shape[1], None, sparse, x.dtype)
 
 
