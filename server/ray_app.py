@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request, Response
 from ray import serve
 
 from server.app import create_app
+from server.backbone import TextInput
 from server.batching import Answer, BatchRunner, Job, ShuttingDown
 from server.metrics import Metrics
 from server.service import Server
@@ -37,7 +38,7 @@ REPLICA_HEADER = "x-deltaserve-replica"
 
 
 class ServeBatcher:
-    """What the routes ask of a batcher (`submit`, `depth`, `start`, `close`), on Ray Serve's `@serve.batch`.
+    """What the routes ask of a batcher (`predict`, `depth`, `start`, `close`), on Ray Serve's `@serve.batch`.
 
     One engine worker thread, as in `Batcher`: the engine is not thread-safe and the replica's
     event loop must stay free while a forward runs.
@@ -59,6 +60,13 @@ class ServeBatcher:
 
     def start(self) -> None:
         """Nothing to start: `@serve.batch` makes its queue on first use."""
+
+    async def predict(self, task: str, inputs: list[TextInput], max_length: int) -> Answer:
+        """The routes' entry point, as `Batcher.predict`: tokenise in the tokenizer thread, then queue."""
+        if self._closing:
+            raise ShuttingDown()
+        encoded = await self._runner.tokenizer.encode(inputs, max_length)
+        return await self.submit(Job(task, inputs, encoded, max_length))
 
     async def submit(self, job: Job) -> Answer:
         if self._closing:
