@@ -63,6 +63,16 @@ def browser() -> Iterator[Any]:
     driver.quit()
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Unlabelled samples of the Prometheus text, by name."""
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            values[name] = float(value)
+    return values
+
+
 def severe(driver: Any) -> list[str]:
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
@@ -149,8 +159,13 @@ def test_dashboard_in_chromium(live, browser):
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live-rps").text != "–")
     float(browser.find_element(By.ID, "live-rps").text)
     assert float(browser.find_element(By.ID, "live-batch-requests").text) >= 1
-    hits, misses = (int(v.replace(",", "")) for v in browser.find_element(By.ID, "live-cache").text.split(" / "))
+    # Cumulative figures equal /metrics once a poll has seen the last prediction (none comes after it).
+    metrics = metric_values(client.get("/metrics").text)
+    hits, misses = int(metrics["deltaserve_cache_hits_total"]), int(metrics["deltaserve_cache_misses_total"])
     assert misses >= 2 and hits >= 1  # each task's delta prepared once, then reused
+    padding = metrics["deltaserve_batch_tokens_total"] / metrics["deltaserve_batch_padded_tokens_total"]
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live-cache").text == f"{hits:,} / {misses:,}")
+    assert browser.find_element(By.ID, "live-padding").text == f"{padding * 100:.1f} %"
 
     screenshot = live["folder"] / "dashboard.png"
     assert browser.save_screenshot(str(screenshot))

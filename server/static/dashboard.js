@@ -245,6 +245,8 @@ async function refreshLive() {
     hits: total(samples, "deltaserve_cache_hits_total") || total(samples, "deltaserve_cache_hits"),
     misses: total(samples, "deltaserve_cache_misses_total") || total(samples, "deltaserve_cache_misses"),
     queue: total(samples, "deltaserve_queue_depth"),
+    tokens: total(samples, "deltaserve_batch_tokens_total"),
+    padded: total(samples, "deltaserve_batch_padded_tokens_total"),
   };
   const set = (id, text) => { document.getElementById(id).textContent = text; };
   if (previous) {
@@ -265,6 +267,7 @@ async function refreshLive() {
   const lookups = figures.hits + figures.misses;
   set("live-hit-rate", lookups ? `${((figures.hits / lookups) * 100).toFixed(1)} %` : "–");
   set("live-queue", String(figures.queue));
+  set("live-padding", figures.padded ? `${((figures.tokens / figures.padded) * 100).toFixed(1)} %` : "–");
   previous = { ...figures, at: now };
 }
 
