@@ -77,9 +77,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, f"{prefix}/" if prefix else ""
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
+def s3_client(endpoint_url: str | None = None, max_attempts: int = 4) -> Any:
     """A boto3 S3 client: endpoint from the argument, else AWS_ENDPOINT_URL; credentials as boto3 finds them."""
-    config = Config(retries={"mode": "standard", "max_attempts": 4}, max_pool_connections=32,
+    config = Config(retries={"mode": "standard", "max_attempts": max_attempts}, max_pool_connections=32,
                     connect_timeout=5, read_timeout=30,
                     # path-style (http://host/bucket/key): what MinIO and SeaweedFS expect by default
                     s3={"addressing_style": "path"})
@@ -376,7 +376,7 @@ class S3DeltaStore:
         try:
             return method(**kwargs)
         except BotoCoreError as err:  # connection refused, timeouts, no credentials
-            raise StoreUnavailable(f"the object store cannot be reached: {err}") from None
+            raise StoreUnavailable(f"the S3 request failed: {err}") from None
 
 
 class _Conflict(Exception):

@@ -10,7 +10,7 @@ the other: the single-process server (`deltaserve serve`, uvicorn, 2 torch threa
 baseline, then Ray Serve with 1 replica (2 threads) and with 2 replicas (1 thread each) behind
 Ray's HTTP proxy. All on this machine's cores: more replicas add processes, not cores.
 
-    python -m bench.cluster [--requests 400] [--clients 16] [--tasks 8] [--repeats 7]
+    python -m bench.cluster [--requests 200] [--clients 16] [--tasks 8] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def cold_load(backbone: Backbone, s3_url: str, repeats: int) -> list[dict[str, o
 
 
 def measure(url: str, names: list[str], texts: list[str], clients: int, requests: int) -> dict[str, float]:
-    asyncio.run(_load(url, names, texts, clients, clients * 4))  # warm-up: every replica loads the deltas
+    asyncio.run(_load(url, names, texts, clients, clients * 4, 120.0))  # warm-up: every replica loads the deltas
     seconds, latencies, errors = asyncio.run(_load(url, names, texts, clients, requests, 120.0))
     return {"req_per_s": requests / seconds, "p50_ms": _percentile(latencies, 0.5) * 1000,
             "p99_ms": _percentile(latencies, 0.99) * 1000, "errors": errors}
@@ -89,6 +89,7 @@ def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes],
         upload(single.url, deltas)
         results.append({"setup": "1 process (uvicorn), 2 threads", **measure(single.url, names, texts, clients,
                                                                               requests)})
+        print(json.dumps(results[-1]), flush=True)
     finally:
         single.stop()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -106,6 +107,7 @@ def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes],
             results.append({"setup": f"Ray Serve, {replicas} replica{'s' * (replicas > 1)} × {threads} thread"
                                      f"{'s' * (threads > 1)}", "deploy_s": ready_s,
                             **measure(url, names, texts, clients, requests)})
+            print(json.dumps(results[-1]), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -114,7 +116,7 @@ def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
@@ -131,7 +133,7 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|")
         for r in cold:
             print(f"| {r['method']} | {r['delta_bytes']:,} | {r['folder_read_ms']:.1f} ms | {r['s3_read_ms']:.1f} ms "
-                  f"| {r['folder_load_ms']:.1f} ms | {r['s3_load_ms']:.1f} ms |")
+                  f"| {r['folder_load_ms']:.1f} ms | {r['s3_load_ms']:.1f} ms |", flush=True)
         runs = throughput(None, f"s3://bench/serve-{uuid.uuid4().hex[:6]}", deltas, args.clients, args.requests)
     base = runs[0]["req_per_s"]
     print(f"\n{args.clients} clients, {args.requests} single-text predicts over {args.tasks} tasks")

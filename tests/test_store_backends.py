@@ -225,3 +225,20 @@ def test_s3_replicas_follow_the_manifest(s3_endpoint, tiny_backbone):
     finally:
         for store in (writer, follower, stale):
             store.close()
+
+
+def test_unreachable_s3_is_a_clear_503(tiny_backbone, monkeypatch):
+    from http_helpers import free_port
+
+    from adapters_store.s3 import s3_client
+    from adapters_store.storage import StoreUnavailable
+    from bench.seaweedfs import CREDENTIALS
+    from server.api.errors import status_of
+
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)  # else boto3 looks for credentials on an EC2 metadata service first
+    # Nothing listens there; one attempt, so that it fails at once (the retries are boto3's, not ours).
+    client = s3_client(f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    with pytest.raises(StoreUnavailable, match="the S3 request failed"):
+        open_store("s3://nowhere/store", tiny_backbone.spec(), client=client)
+    assert status_of(StoreUnavailable("the S3 request failed")) == (503, {"Retry-After": "5"})
