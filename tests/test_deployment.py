@@ -123,3 +123,18 @@ def test_serve_logs_the_warning(tmp_path, caplog, monkeypatch):
         assert not any("without an admin token" in r.getMessage() for r in caplog.records)
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+def test_compose_follows_the_port():
+    from test_cli_compose import compose_command
+
+    command = compose_command()
+    if command is None:
+        pytest.skip("no compose tool here (apt-get install docker-compose, or the docker compose plugin)")
+    env = {**os.environ, "DELTASERVE_ADMIN_TOKEN": "t0ken", "DELTASERVE_PORT": "9001"}
+    config = subprocess.run([*command, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True,
+                            text=True, env=env, cwd=REPO, timeout=60)
+    assert config.returncode == 0, config.stderr
+    assert "DELTASERVE_PORT: '9001'" in config.stdout or 'DELTASERVE_PORT: "9001"' in config.stdout
+    assert re.search(r"published: ['\"]?9001", config.stdout) and re.search(r"target: 9001", config.stdout)
+    assert "stop_grace_period: 60s" in config.stdout or "stop_grace_period: 1m0s" in config.stdout
