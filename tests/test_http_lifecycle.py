@@ -73,7 +73,7 @@ def test_sigterm_finishes_accepted_requests(tokenizer, tmp_path):
     env = {**os.environ, "DELTASERVE_ADMIN_TOKEN": "s3cret", "DELTASERVE_STORE": str(tmp_path / "store")}
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--backbone", str(tmp_path / "backbone"), "--port", str(port),
-         "--batch-wait-ms", "1500", "--threads", "1", "--log-level", "warning"],
+         "--batch-wait-ms", "3000", "--threads", "1", "--log-level", "warning"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
@@ -102,7 +102,15 @@ def test_sigterm_finishes_accepted_requests(tokenizer, tmp_path):
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.6)  # accepted, and held by the 1.5 s batch window
+        # Wait until all six are accepted and held by the batch window (a fixed sleep was too
+        # short on a loaded machine: requests not yet connected were refused by the shutdown).
+        held_until = time.monotonic() + 20
+        while time.monotonic() < held_until:
+            depth = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                     if line.startswith("deltaserve_queue_depth ")]
+            if depth and float(depth[0].split()[1]) >= 6:
+                break
+            time.sleep(0.05)
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         for thread in threads:
