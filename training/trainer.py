@@ -307,7 +307,7 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
     epoch = 0
     stopped: list[str] = []
     best: dict | None = None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for index, phase in enumerate(phases):
         if index > 0:
             assert best is not None
@@ -343,6 +343,7 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
             kind = "its fixed" if phase.fixed else "to its cap of"
             stopped.append(f"{phase.name}: ran {kind} {phase.epochs} epoch(s)")
     train_seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started  # apart from waiting (shared or paused cores)
     assert best is not None
     _restore(model, best["state"])
     best_bytes = model.export(meta).to_bytes() if method.exports else None
@@ -365,6 +366,7 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
         "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
         "delta_bytes": len(best_bytes) if best_bytes is not None else None,
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "train_examples": len(train_data),
         "val_examples": len(val_data),
