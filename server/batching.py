@@ -2,28 +2,33 @@
 
 Admission first: `Batcher.predict` refuses at once (`Overloaded` -> 429) when `max_queue`
 requests are already waiting — counted from admission, so a refusal costs no tokenising and no
-wait — and its Retry-After is the measured time to drain what waits (requests ÷ the engine's
-measured requests per second), not a constant.
+wait — and its Retry-After is the measured time to drain what waits (rows waiting ÷ the engine's
+measured rows per second), not a constant.
 
-Batch formation is length-aware, as TEI's token budget is: the engine pads every row of a
-forward to its longest, so a forward costs `longest × rows` tokens, not the sum of the lengths.
-`form_batch` takes the oldest waiting request (always: nothing starves), then grows a window of
-requests of neighbouring lengths around it — whichever neighbour adds the least padding — until
-the padded-token budget or the request limit is reached.
+Batch formation is length-aware and per row, as TEI's is: the engine pads every row of a forward
+to its longest, so a forward costs `longest × rows` tokens, not the sum of the lengths. The
+rows (inputs) of a request need not share a forward: `form_batch` takes the oldest waiting row
+(always: nothing starves), then grows a window of rows of neighbouring lengths around it —
+whichever neighbour adds the least padding — until the padded-token budget or the row limit is
+reached. A request is answered when its last row has run. Its task is resolved to the current
+version once, in the first forward that runs one of its rows, and that version answers every
+row of it, so a replace is never mixed into one request.
 
 The batcher is a pipeline of single-thread stages, as TEI's is, so the engine never waits on
 Python work that does not need it:
 
     event loop:  admit, tokenise (tokenizer thread), queue, form the next batch
-    prepare:     resolve each task to its current version, pin every delta of the batch, then
-                 load the cold ones (pin first: loading one cold task can no longer evict another
-                 of the same batch), re-tokenise where a new version truncates differently
+    prepare:     resolve each new request's task to its current version, pin every delta of the
+                 batch, then load the cold ones (pin first: loading one cold task can no longer
+                 evict another of the same batch), re-tokenise where a new version truncates
+                 differently
     engine:      one forward (the engine is not thread-safe: one forward at a time), unpin
-    post:        softmax, words and entities per row, then answer the futures
+    post:        softmax, words and entities of each request whose rows are all done
 
-The next batch is formed and prepared while the current one runs in the engine; at most one
-batch waits prepared. Tokenisation runs in a thread of its own: a fast tokenizer keeps
-truncation settings as state, so it must not be called from two threads at once.
+The next batch is formed as late as it can still be prepared before the engine is free (from
+the measured seconds per padded token), so rows arriving meanwhile join it; at most one batch
+waits prepared. Tokenisation runs in a thread of its own: a fast tokenizer keeps truncation
+settings as state, so it must not be called from two threads at once.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -74,14 +79,20 @@ class Answer:
 
 @dataclass(eq=False)
 class Job:
-    """One predict request: its inputs, tokenised with the task's max_length as it was at arrival."""
+    """One predict request: its inputs, tokenised with the task's max_length as it was at arrival.
+
+    `delta` and `outputs` are the pipeline's: the version that answers every row of the request
+    (set by the prepare stage at its first forward) and each row's logits as they come back.
+    """
 
     task: str
     inputs: list[TextInput]
     encoded: list[EncodedText]
     max_length: int
     future: asyncio.Future[Answer] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    arrived: float = field(default_factory=time.monotonic)
+    delta: PreparedDelta | Exception | None = None
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    queued: int = 0  # rows still waiting for a batch
 
     @property
     def tokens(self) -> int:
@@ -95,20 +106,53 @@ class Job:
     def longest(self) -> int:
         return max((len(e.input_ids) for e in self.encoded), default=0)
 
-
-def padded_tokens(jobs: Sequence[Job]) -> int:
-    """What a forward over `jobs` costs the engine: every row padded to the longest."""
-    return max((j.longest for j in jobs), default=0) * sum(j.rows for j in jobs)
+    def items(self) -> list[Item]:
+        return [Item(self, i) for i in range(len(self.encoded))]
 
 
-def form_batch(waiting: Sequence[Job], max_tokens: int, max_requests: int) -> list[Job]:
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One row of a job: what batch formation places."""
+
+    job: Job
+    index: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.job.encoded[self.index].input_ids)
+
+    longest = tokens
+
+    @property
+    def rows(self) -> int:
+        return 1
+
+
+class Sized(Protocol):
+    @property
+    def longest(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+
+
+S = TypeVar("S", bound=Sized)
+
+
+def padded_tokens(parts: Sequence[Sized]) -> int:
+    """What a forward over `parts` (rows or whole jobs) costs the engine: every row padded to the longest."""
+    return max((p.longest for p in parts), default=0) * sum(p.rows for p in parts)
+
+
+def form_batch(waiting: Sequence[S], max_tokens: int, max_rows: int) -> list[S]:
     """The next batch from `waiting` (oldest first): length-aware, the oldest always included.
 
-    Requests are ordered by their longest row; the batch is a window of that order around the
-    oldest request, grown one neighbour at a time — the shorter or the longer one, whichever
-    adds fewer padding tokens — while the padded cost (`longest × rows`) stays within
-    `max_tokens` and the batch within `max_requests`. A request over the budget on its own runs
-    alone. Returned in arrival order.
+    `waiting` holds rows (`Item`s) or whole jobs. They are ordered by length (a job's: its
+    longest row); the batch is a window of that order around the oldest, grown one neighbour at
+    a time — the shorter or the longer one, whichever adds fewer padding tokens — while the
+    padded cost (`longest × rows`) stays within `max_tokens` and the rows within `max_rows`. An
+    oldest over the budget on its own runs alone. Returned in arrival order.
     """
     if not waiting:
         return []
@@ -116,22 +160,21 @@ def form_batch(waiting: Sequence[Job], max_tokens: int, max_requests: int) -> li
     order = sorted(range(len(waiting)), key=lambda i: (waiting[i].longest, i))
     at = order.index(0)
     lo, hi = at, at + 1  # the window order[lo:hi]
-    longest, rows, tokens = oldest.longest, oldest.rows, oldest.tokens
-    while hi - lo < max_requests:
-        options = []  # (added padding, new longest, side)
+    longest, rows = oldest.longest, oldest.rows
+    while True:
+        options = []  # (added padding, new longest, part, side)
         if lo > 0:
-            job = waiting[order[lo - 1]]
-            options.append((longest * job.rows - job.tokens, longest, job, -1))
+            part = waiting[order[lo - 1]]
+            options.append((longest * part.rows - part.tokens, longest, part, -1))
         if hi < len(order):
-            job = waiting[order[hi]]
-            options.append(((job.longest - longest) * rows + job.longest * job.rows - job.tokens,
-                            job.longest, job, +1))
-        options = [o for o in options if o[1] * (rows + o[2].rows) <= max_tokens]
+            part = waiting[order[hi]]
+            options.append(((part.longest - longest) * rows + part.longest * part.rows - part.tokens,
+                            part.longest, part, +1))
+        options = [o for o in options if o[1] * (rows + o[2].rows) <= max_tokens and rows + o[2].rows <= max_rows]
         if not options:
             break
-        _, longest, job, side = min(options, key=lambda o: (o[0], o[3]))
-        rows += job.rows
-        tokens += job.tokens
+        _, longest, part, side = min(options, key=lambda o: (o[0], o[3]))
+        rows += part.rows
         if side < 0:
             lo -= 1
         else:
@@ -159,16 +202,18 @@ class Tokenizer:
 
 @dataclass(eq=False)
 class Prepared:
-    """A batch made ready for the engine: its deltas resolved and pinned, its rows built."""
+    """A batch made ready for the engine: its requests' deltas resolved and pinned, its rows built."""
 
-    jobs: list[Job]
-    resolved: dict[str, PreparedDelta | Exception]
+    items: list[Item]  # the rows that run (rows of failed requests left out)
+    failed: list[Job]  # requests whose task could not be resolved or loaded: answered with `job.delta`
     rows: list[Row]
-    spans: list[tuple[int, list[EncodedText]]]  # per job: first row, its (re-)tokenised inputs
     pins: contextlib.ExitStack
 
     def release(self) -> None:
         self.pins.close()
+
+
+Outcome = tuple[Job, "Answer | Exception"]
 
 
 class Runner(Protocol):
@@ -177,13 +222,13 @@ class Runner(Protocol):
     tokenizer: Tokenizer
 
     def max_length(self, task_max_length: int | None) -> int: ...
-    def prepare(self, jobs: Sequence[Job]) -> Prepared: ...
+    def prepare(self, items: Sequence[Item]) -> Prepared: ...
     def forward(self, prepared: Prepared) -> list[torch.Tensor]: ...
-    def finish(self, prepared: Prepared, outputs: Sequence[torch.Tensor]) -> list[Answer | Exception]: ...
+    def finish(self, prepared: Prepared, outputs: Sequence[torch.Tensor]) -> list[Outcome]: ...
 
 
 class BatchRunner:
-    """Prepares, runs and post-processes batches of jobs; each stage runs in its own worker thread."""
+    """Prepares, runs and post-processes batches of rows; each stage runs in its own worker thread."""
 
     def __init__(self, backbone: Backbone, engine: Engine, cache: DeltaCache, store: DeltaStore,
                  tokenizer: Tokenizer, default_max_length: int) -> None:
@@ -199,30 +244,40 @@ class BatchRunner:
         return min(task_max_length or self.default_max_length, self.backbone.max_positions)
 
     def __call__(self, jobs: Sequence[Job]) -> list[Answer | Exception]:
-        """The three stages in a row (one caller, no pipeline)."""
-        prepared = self.prepare(jobs)
-        return self.finish(prepared, self.forward(prepared))
+        """Whole jobs through the three stages in one forward (one caller, no pipeline)."""
+        prepared = self.prepare([item for job in jobs for item in job.items()])
+        outcomes = dict((id(job), result) for job, result in self.finish(prepared, self.forward(prepared)))
+        return [outcomes[id(job)] for job in jobs]
 
-    def prepare(self, jobs: Sequence[Job]) -> Prepared:
+    def prepare(self, items: Sequence[Item]) -> Prepared:
         pins = contextlib.ExitStack()
         try:
-            resolved = self._resolve_all(sorted({job.task for job in jobs}), pins)
-            rows: list[Row] = []
-            spans: list[tuple[int, list[EncodedText]]] = []
-            for job in jobs:
+            fresh = {}
+            for item in items:
+                if item.job.delta is None:
+                    fresh.setdefault(id(item.job), item.job)
+            resolved = self._resolve_all(sorted({job.task for job in fresh.values()}), pins)
+            for job in fresh.values():
                 delta = resolved[job.task]
-                if isinstance(delta, Exception):
-                    spans.append((len(rows), []))
-                    continue
-                limit = self.max_length(delta.meta.max_length)
-                # The version that answers may truncate differently from the one seen at arrival.
-                encoded = job.encoded if limit == job.max_length else self.tokenizer.encode_blocking(job.inputs, limit)
-                spans.append((len(rows), encoded))
-                rows.extend(Row(delta, text) for text in encoded)
+                if not isinstance(delta, Exception):
+                    limit = self.max_length(delta.meta.max_length)
+                    if limit != job.max_length:
+                        # The version that answers truncates differently from the one seen at arrival.
+                        encoded = self.tokenizer.encode_blocking(job.inputs, limit)
+                        if len(encoded) != len(job.encoded):
+                            raise RuntimeError("re-tokenising changed the number of rows of a request")
+                        job.encoded, job.max_length = encoded, limit
+                job.delta = delta
+            # Requests resolved in an earlier forward keep their version; pin it while this one runs.
+            pins.enter_context(self.cache.pinned({d.key for d in (i.job.delta for i in items)
+                                                  if isinstance(d, PreparedDelta)}))
+            ready = [i for i in items if isinstance(i.job.delta, PreparedDelta)]
+            failed = list({id(i.job): i.job for i in items if isinstance(i.job.delta, Exception)}.values())
+            rows = [Row(i.job.delta, i.job.encoded[i.index]) for i in ready]  # type: ignore[arg-type]
         except BaseException:
             pins.close()
             raise
-        return Prepared(list(jobs), resolved, rows, spans, pins)
+        return Prepared(ready, failed, rows, pins)
 
     def forward(self, prepared: Prepared) -> list[torch.Tensor]:
         try:
@@ -230,23 +285,27 @@ class BatchRunner:
         finally:
             prepared.release()
 
-    def finish(self, prepared: Prepared, outputs: Sequence[torch.Tensor]) -> list[Answer | Exception]:
-        results: list[Answer | Exception] = []
-        for job, (start, encoded) in zip(prepared.jobs, prepared.spans, strict=True):
-            delta = prepared.resolved[job.task]
-            if isinstance(delta, Exception):
-                results.append(delta)
-                continue
-            try:
-                predictions = [
-                    predict_row(outputs[start + i].numpy(), delta.meta, text, source)
-                    for i, (text, source) in enumerate(zip(encoded, job.inputs, strict=True))
-                ]
-            except UnsupportedInput as err:
-                results.append(err)
-                continue
-            results.append(Answer(job.task, delta.version, predictions))
-        return results
+    def finish(self, prepared: Prepared, outputs: Sequence[torch.Tensor]) -> list[Outcome]:
+        """Outcomes of the requests this forward completed (and of those that failed)."""
+        done: list[Outcome] = [(job, job.delta) for job in prepared.failed]  # type: ignore[misc]
+        for item, output in zip(prepared.items, outputs, strict=True):
+            job = item.job
+            job.outputs[item.index] = output
+            if len(job.outputs) == len(job.encoded):
+                done.append((job, self._answer(job)))
+        return done
+
+    def _answer(self, job: Job) -> Answer | Exception:
+        delta = job.delta
+        assert isinstance(delta, PreparedDelta)
+        try:
+            predictions = [predict_row(job.outputs[i].numpy(), delta.meta, text, source)
+                           for i, (text, source) in enumerate(zip(job.encoded, job.inputs, strict=True))]
+        except UnsupportedInput as err:
+            return err
+        finally:
+            job.outputs = {}  # the logits are no longer needed
+        return Answer(job.task, delta.version, predictions)
 
     def _resolve_all(self, names: Sequence[str], pins: contextlib.ExitStack) -> dict[str, PreparedDelta | Exception]:
         """Each task's current version, every one pinned before any is loaded."""
@@ -292,12 +351,13 @@ class Batcher:
     ) -> None:
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
-        self.max_batch_requests = max_batch_requests
+        self.max_batch_rows = max_batch_requests  # one input, one row: the limit bounds the forward's rows
         self.wait_s = wait_s
         self.max_queue = max_queue
         self.metrics = metrics
-        self._pending: list[Job] = []  # oldest first
-        self._admitted = 0  # admitted and not yet in a batch: tokenising or pending
+        self._pending: list[Item] = []  # rows waiting for a batch, oldest first
+        self._admitted = 0  # requests admitted with rows not yet in a batch: tokenising or queued
+        self._waiting_rows = 0  # their rows (inputs while tokenising)
         self._in_flight = 0  # batches formed and not yet answered
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -308,15 +368,15 @@ class Batcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._completing: set[asyncio.Task[None]] = set()
         self._closing = False
-        # Running means: requests the engine answers a second (Retry-After), seconds per padded token
+        # Running means: rows the engine answers a second (Retry-After), seconds per padded token
         # of a forward and seconds to prepare a batch (when to form the next batch).
-        self._drain_per_s: float | None = None
+        self._rows_per_s: float | None = None
         self._s_per_token = 1e-4
         self._prepare_s = 0.002
 
     @property
     def depth(self) -> int:
-        """Requests admitted and waiting for a batch (tokenising or queued)."""
+        """Requests admitted with rows still waiting for a batch (tokenising or queued)."""
         return self._admitted
 
     def start(self) -> None:
@@ -324,24 +384,25 @@ class Batcher:
 
     async def predict(self, task: str, inputs: list[TextInput], max_length: int) -> Answer:
         """Admit (or refuse at once), tokenise, queue, and wait for the answer."""
-        self._admit()
+        self._admit(len(inputs))
         try:
             encoded = await self.runner.tokenizer.encode(inputs, max_length)
         except BaseException:
-            self._leave()
+            self._leave(1, len(inputs))
             raise
+        self._waiting_rows += len(encoded) - len(inputs)
         return await self._enqueue(Job(task, inputs, encoded, max_length))
 
     async def submit(self, job: Job) -> Answer:
         """Queue an already tokenised job (admission as for `predict`)."""
-        self._admit()
+        self._admit(job.rows)
         return await self._enqueue(job)
 
     def retry_after(self) -> int:
         """Seconds until what waits now has drained, at the engine's measured rate."""
-        if not self._drain_per_s:
+        if not self._rows_per_s:
             return 1
-        return max(1, math.ceil((self._admitted + 1) / self._drain_per_s))
+        return max(1, math.ceil((self._waiting_rows + 1) / self._rows_per_s))
 
     async def close(self) -> None:
         """Refuse new work, finish everything accepted, stop the loop and the workers."""
@@ -357,7 +418,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ internals
 
-    def _admit(self) -> None:
+    def _admit(self, rows: int) -> None:
         if self._closing:
             raise ShuttingDown()
         if self._admitted >= self.max_queue:
@@ -365,18 +426,21 @@ class Batcher:
                 self.metrics.rejected.inc()
             raise Overloaded(self.retry_after())
         self._admitted += 1
+        self._waiting_rows += rows
         self._idle.clear()
         self._observe_depth()
 
-    def _leave(self, count: int = 1) -> None:
-        self._admitted -= count
+    def _leave(self, jobs: int, rows: int) -> None:
+        self._admitted -= jobs
+        self._waiting_rows -= rows
         self._observe_depth()
         self._check_idle()
 
     async def _enqueue(self, job: Job) -> Answer:
-        self._pending.append(job)  # admitted before any close began: it is answered
+        job.queued = job.rows
+        self._pending.extend(job.items())  # admitted before any close began: it is answered
         self._arrived.set()
-        return await job.future  # a client that goes away cancels the future; the batch skips it
+        return await job.future  # a client that goes away cancels the future; its rows are dropped
 
     def _check_idle(self) -> None:
         if not self._admitted and not self._in_flight:
@@ -409,7 +473,7 @@ class Batcher:
                 prepared = await loop.run_in_executor(self._prepare_pool, self.runner.prepare, batch)
             except Exception as err:  # a bug: every request of the batch gets it
                 log.exception("preparing a batch failed")
-                self._answer(batch, [err] * len(batch))
+                self._answer([(item.job, err) for item in batch])
                 self._in_flight -= 1
                 self._check_idle()
                 continue
@@ -417,7 +481,7 @@ class Batcher:
             if engine_busy is not None:
                 await asyncio.wait([engine_busy])  # one batch waits prepared; no more
             started = time.perf_counter()
-            cost = max(1, padded_tokens(batch))
+            cost = max(1, padded_tokens(prepared.items))
             engine_eta = started + self._s_per_token * cost
             engine_busy = loop.run_in_executor(self._engine_pool, self.runner.forward, prepared)
             task = loop.create_task(self._complete(prepared, engine_busy, started, cost))
@@ -425,10 +489,10 @@ class Batcher:
             task.add_done_callback(self._completing.discard)
 
     async def _wait_for_company(self) -> None:
-        """The engine is idle: wait up to `wait_s` for more requests, unless a batch is full already."""
+        """The engine is idle: wait up to `wait_s` for more rows, unless a batch is full already."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
-        while len(self._pending) < self.max_batch_requests and not self._closing:
+        while len(self._pending) < self.max_batch_rows and not self._closing:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -436,44 +500,48 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _take_batch(self) -> list[Job]:
-        """A length-aware batch out of the queue (requests whose client went away are dropped)."""
-        live = [j for j in self._pending if not j.future.done()]
-        gone = len(self._pending) - len(live)
-        batch = form_batch(live, self.max_batch_tokens, self.max_batch_requests)
-        chosen = {id(j) for j in batch}
-        self._pending = [j for j in live if id(j) not in chosen]
-        self._leave(gone + len(batch))
+    def _take_batch(self) -> list[Item]:
+        """A length-aware batch of rows out of the queue (rows of requests whose client went away are dropped)."""
+        live = [i for i in self._pending if not i.job.future.done()]
+        gone = [i for i in self._pending if i.job.future.done()]
+        batch = form_batch(live, self.max_batch_tokens, self.max_batch_rows)
+        chosen = {id(i) for i in batch}
+        self._pending = [i for i in live if id(i) not in chosen]
+        left = 0
+        for item in (*gone, *batch):
+            item.job.queued -= 1
+            left += item.job.queued == 0
+        self._leave(left, len(gone) + len(batch))
         return batch
 
     async def _complete(self, prepared: Prepared, forward: asyncio.Future, started: float, cost: int) -> None:
         loop = asyncio.get_running_loop()
-        batch = prepared.jobs
         try:
             try:
                 outputs = await forward
                 seconds = time.perf_counter() - started
-                rate = len(batch) / max(seconds, 1e-6)
-                self._drain_per_s = rate if self._drain_per_s is None else 0.8 * self._drain_per_s + 0.2 * rate
+                rate = len(prepared.rows) / max(seconds, 1e-6)
+                self._rows_per_s = rate if self._rows_per_s is None else 0.8 * self._rows_per_s + 0.2 * rate
                 self._s_per_token = 0.8 * self._s_per_token + 0.2 * seconds / cost
                 if self.metrics:
-                    self.metrics.batch_requests.observe(len(batch))
-                    self.metrics.batch_rows.observe(sum(job.rows for job in batch))
-                    self.metrics.batch_tasks.observe(len({job.task for job in batch}))
+                    self.metrics.batch_requests.observe(len({id(i.job) for i in prepared.items}))
+                    self.metrics.batch_rows.observe(len(prepared.rows))
+                    self.metrics.batch_tasks.observe(len({i.job.task for i in prepared.items}))
                     self.metrics.batch_seconds.observe(seconds)
-                    self.metrics.batch_tokens.inc(sum(job.tokens for job in batch))
-                    self.metrics.batch_padded_tokens.inc(cost)
-                results = await loop.run_in_executor(self._post_pool, self.runner.finish, prepared, outputs)
+                    self.metrics.batch_tokens.inc(sum(i.tokens for i in prepared.items))
+                    self.metrics.batch_padded_tokens.inc(padded_tokens(prepared.items))
+                outcomes = await loop.run_in_executor(self._post_pool, self.runner.finish, prepared, outputs)
             except Exception as err:  # a bug in the engine: every request of the batch gets it
                 log.exception("engine batch failed")
-                results = [err] * len(batch)
-            self._answer(batch, results)
+                outcomes = [(job, err) for job in {id(i.job): i.job for i in prepared.items}.values()]
+                outcomes += [(job, err) for job in prepared.failed]
+            self._answer(outcomes)
         finally:
             self._in_flight -= 1
             self._check_idle()
 
-    def _answer(self, batch: Sequence[Job], results: Sequence[Answer | Exception]) -> None:
-        for job, result in zip(batch, results, strict=True):
+    def _answer(self, outcomes: Sequence[Outcome]) -> None:
+        for job, result in outcomes:
             if job.future.done():
                 continue
             if isinstance(result, Exception):

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_inputs: int = Field(64, ge=1, description="most inputs in one predict request (413 beyond)")
     max_batch_tokens: int = Field(2048, ge=1, description="most padded tokens (longest input × rows) in one "
                                                           "engine forward")
-    max_batch_requests: int = Field(64, ge=1, description="most requests merged into one engine forward")
+    max_batch_requests: int = Field(64, ge=1, description="most inputs (rows) in one engine forward")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_queue: int = Field(256, ge=1, description="requests waiting for the engine before 429")
     max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")

@@ -7,6 +7,7 @@ import random
 
 import pytest
 from delta_builders import build_delta
+from http_helpers import assert_close, engine_answer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,18 +34,20 @@ def job(loop, lengths: list[int], task: str = "t") -> Job:
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.lists(st.lists(st.integers(1, 80), min_size=1, max_size=4), min_size=1, max_size=40),
        st.integers(16, 2048), st.integers(1, 16))
-def test_oldest_always_in_and_padded_budget_respected(loop, shapes, budget, max_requests):
-    waiting = [job(loop, lengths) for lengths in shapes]
-    batch = form_batch(waiting, budget, max_requests)
-    assert batch[0] is waiting[0]  # the oldest, and the batch in arrival order
-    assert [waiting.index(j) for j in batch] == sorted(waiting.index(j) for j in batch)
-    assert len(batch) <= max_requests
-    assert len({id(j) for j in batch}) == len(batch)
-    if len(batch) > 1:  # a request over the budget alone runs alone; else the budget holds
-        assert padded_tokens(batch) <= budget
-    # Not lazy: when everything waiting fits, everything goes.
-    if len(waiting) <= max_requests and padded_tokens(waiting) <= budget:
-        assert len(batch) == len(waiting)
+def test_oldest_always_in_and_padded_budget_respected(loop, shapes, budget, max_rows):
+    waiting = [job(loop, lengths) for lengths in shapes]  # whole jobs: several rows each
+    rows = [item for j in waiting for item in j.items()]  # and the same as single rows
+    for parts in (waiting, rows):
+        batch = form_batch(parts, budget, max_rows)
+        assert batch[0] is parts[0]  # the oldest, and the batch in arrival order
+        assert [parts.index(j) for j in batch] == sorted(parts.index(j) for j in batch)
+        assert len({id(j) for j in batch}) == len(batch)
+        if len(batch) > 1:  # an oldest over the budget alone runs alone; else the limits hold
+            assert padded_tokens(batch) <= budget
+            assert sum(p.rows for p in batch) <= max_rows
+        # Not lazy: when everything waiting fits, everything goes.
+        if sum(p.rows for p in parts) <= max_rows and padded_tokens(parts) <= budget:
+            assert len(batch) == len(parts)
 
 
 def test_short_and_long_requests_are_not_mixed(loop):
@@ -111,3 +114,32 @@ def test_every_delta_of_a_batch_is_pinned_before_any_is_loaded(tiny_backbone, tm
     assert [a.task for a in answers] == ["a", "b"]
     assert seen == {"resident": [True, True], "evictions": 0}
     assert cache.stats()["evictions"] == 1  # the budget is restored once the batch lets go
+
+
+def test_rows_of_one_request_in_two_forwards_are_answered_by_one_version(tiny_backbone, tmp_path):
+    """Length-aware formation may run a request's rows in different forwards; a replace landing between
+    them must not mix versions: the version resolved at its first forward answers every row."""
+    store = LocalDeltaStore(tmp_path, tiny_backbone.spec())
+    old = build_delta(tiny_backbone, parts=("keep", "lora"), seed=1)
+    store.put("t", old)
+    tokenizer = Tokenizer(tiny_backbone)
+    runner = BatchRunner(tiny_backbone, Engine(tiny_backbone), DeltaCache(1 << 30), store, tokenizer, 32)
+    texts = ["a short one", "a much longer review of a film that goes on and on about nothing at all"]
+    expected = engine_answer(tiny_backbone, old, texts, 32)
+    loop = asyncio.new_event_loop()
+    try:
+        request = Job("t", texts, tiny_backbone.encode(texts, 32), 32, future=loop.create_future())
+        first, second = request.items()
+
+        def run(items):
+            prepared = runner.prepare(items)
+            return runner.finish(prepared, runner.forward(prepared))
+
+        assert run([first]) == []  # not complete yet
+        store.put("t", build_delta(tiny_backbone, parts=("pasta",), method="pasta", seed=2))
+        ((job, answer),) = run([second])
+    finally:
+        loop.close()
+        tokenizer.close()
+    assert job is request and answer.version == 1
+    assert_close(answer.predictions, expected)
