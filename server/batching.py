@@ -21,7 +21,7 @@ Python work that does not need it:
     prepare:     resolve each new request's task to its current version, pin every delta of the
                  batch, then load the cold ones (pin first: loading one cold task can no longer
                  evict another of the same batch), re-tokenise where a new version truncates
-                 differently
+                 differently; collate, pad, plan the modules and PASTA (`Engine.prepare`)
     engine:      one forward (the engine is not thread-safe: one forward at a time), unpin
     post:        softmax, words and entities of each request whose rows are all done
 
@@ -50,7 +50,7 @@ from adapters_store.storage import DeltaStore, StoreCorrupt, TaskNotFound
 from server.backbone import Backbone, EncodedText, TextInput
 from server.cache import DeltaCache
 from server.delta import PreparedDelta, prepare_delta
-from server.engine import Engine, Row
+from server.engine import Engine, Planned, Row
 from server.metrics import Metrics
 from server.postprocess import Prediction, UnsupportedInput, predict_row
 
@@ -208,6 +208,7 @@ class Prepared:
     failed: list[Job]  # requests whose task could not be resolved or loaded: answered with `job.delta`
     rows: list[Row]
     pins: contextlib.ExitStack
+    planned: Planned | None = None  # collated, padded and planned by the engine
 
     def release(self) -> None:
         self.pins.close()
@@ -274,14 +275,16 @@ class BatchRunner:
             ready = [i for i in items if isinstance(i.job.delta, PreparedDelta)]
             failed = list({id(i.job): i.job for i in items if isinstance(i.job.delta, Exception)}.values())
             rows = [Row(i.job.delta, i.job.encoded[i.index]) for i in ready]  # type: ignore[arg-type]
+            planned = self.engine.prepare(rows)
         except BaseException:
             pins.close()
             raise
-        return Prepared(ready, failed, rows, pins)
+        return Prepared(ready, failed, rows, pins, planned)
 
     def forward(self, prepared: Prepared) -> list[torch.Tensor]:
         try:
-            return self.engine.forward(prepared.rows)
+            assert prepared.planned is not None
+            return self.engine.run(prepared.planned)
         finally:
             prepared.release()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,16 @@ class Batch:
         return self.inputs["input_ids"]
 
 
+@dataclass
+class Planned:
+    """A batch ready for `Engine.run`: padded, task-sorted, its module plans and PASTA built."""
+
+    num_rows: int
+    batch: Batch | None
+    plans: dict[str, Any]
+    pasta: PastaBatch | None
+
+
 class Engine:
     def __init__(self, backbone: Backbone, backend: str | None = None) -> None:
         self.backbone = backbone
@@ -74,26 +85,41 @@ class Engine:
     @torch.inference_mode()
     def forward(self, rows: Sequence[Row]) -> list[torch.Tensor]:
         """Logits per row, in the caller's order: [C] (sequence) or [tokens, C] (token classification)."""
-        if not rows:
-            return []
+        return self.run(self.prepare(rows))
+
+    def prepare(self, rows: Sequence[Row]) -> Planned:
+        """Everything before the forward that needs no lock: collate, pad, plan, PASTA.
+
+        The batcher runs this for the next batch while the current one is in `run`.
+        """
         for row in rows:
             if row.delta.backend != self.backend.name:
                 raise ValueError(f"task {row.delta.name!r} was prepared for the {row.delta.backend} backend, "
                                  f"this engine runs {self.backend.name}")
+        if not rows:
+            return Planned(0, None, {}, None)
         batch = self._collate(rows)
         plans = self.backend.plan(batch.segments, batch.input_ids.shape[1])
         pasta = PastaBatch.build(
             self.backbone.special_slots([rows[i].text for i in batch.order]),
             [(s, e, d.pasta) for s, e, d in batch.segments],
         )
-        with self._lock, self.backend.activate(plans):
-            self._pasta = pasta
+        return Planned(len(rows), batch, plans, pasta)
+
+    @torch.inference_mode()
+    def run(self, planned: Planned) -> list[torch.Tensor]:
+        """The forward of a prepared batch, under the engine's lock; logits in the caller's order."""
+        batch = planned.batch
+        if batch is None:
+            return []
+        with self._lock, self.backend.activate(planned.plans):
+            self._pasta = planned.pasta
             try:
                 hidden, pooled = self._run_backbone(batch)
             finally:
                 self._pasta = None
         sorted_outputs = self.backend.classify(hidden, pooled, batch.segments, batch.lengths)
-        outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        outputs: list[torch.Tensor] = [torch.empty(0)] * planned.num_rows
         for sorted_index, original in enumerate(batch.order):
             outputs[original] = sorted_outputs[sorted_index]
         return outputs

@@ -95,14 +95,14 @@ def test_every_delta_of_a_batch_is_pinned_before_any_is_loaded(tiny_backbone, tm
     engine = Engine(tiny_backbone)
     runner = BatchRunner(tiny_backbone, engine, cache, store, tokenizer, 32)
     seen = {}
-    forward = engine.forward
+    run = engine.run
 
-    def watched(rows):
+    def watched(planned):
         seen["resident"] = [("a", 1) in cache, ("b", 1) in cache]
         seen["evictions"] = cache.stats()["evictions"]
-        return forward(rows)
+        return run(planned)
 
-    engine.forward = watched
+    engine.run = watched
     loop = asyncio.new_event_loop()
     try:
         jobs = [Job(task, ["a film"], tiny_backbone.encode(["a film"], 32), 32, future=loop.create_future())
