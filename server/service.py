@@ -17,7 +17,6 @@ import torch
 from adapters_store.format import BackboneMismatch, InvalidDelta
 from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, open_store
 from server.backbone import Backbone
-from server.backends.cpu import CpuBackend
 from server.batching import Batcher, BatchRunner, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
@@ -59,10 +58,7 @@ class Server:
         metrics = Metrics()
         metrics.watch_cache(cache.stats)
         tokenizer = Tokenizer(backbone)
-        engine = Engine(backbone)
-        if isinstance(engine.backend, CpuBackend):
-            engine.backend.built.budget_bytes = settings.built_weight_bytes
-        runner = BatchRunner(backbone, engine, cache, store, tokenizer, settings.max_length)
+        runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
         batcher = Batcher(runner, max_batch_tokens=settings.max_batch_tokens,
                           max_batch_requests=settings.max_batch_requests, wait_s=settings.batch_wait_ms / 1000,
                           max_queue=settings.max_queue, metrics=metrics)

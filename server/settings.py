@@ -43,9 +43,6 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")
     max_request_bytes: int = Field(2 * MiB, ge=1, description="largest body of any other request (413 beyond)")
     cache_bytes: int = Field(512 * MiB, ge=0, description="device memory budget for prepared deltas")
-    built_weight_bytes: int = Field(
-        256 * MiB, ge=0, description="CPU backend: memory for hot tasks' built W ⊙ K weights (dense keep masks), "
-                                     "kept instead of rebuilt every batch; 0 = rebuild always")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 
     # Several replicas on Ray Serve (server/ray_app.py, docs/cluster.md).

@@ -22,7 +22,6 @@ forward at a time.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,6 @@ import torch.nn.functional as F
 
 from server.backends import Backend, BackendLinear, Segment
 from server.parts import ModuleParts
-
-BUILT_WEIGHT_BYTES = 256 * 1024 * 1024  # default budget of `BuiltWeights`
 
 
 @dataclass
@@ -55,42 +52,6 @@ class ModulePlan:
         if cursor < self.num_rows:
             runs.append((cursor, self.num_rows))
         return runs
-
-
-class BuiltWeights:
-    """Built `W ⊙ K (+ B·A + S)` of hot (task, module) pairs, kept under a byte budget.
-
-    A keep mask too dense to apply in place costs one weight-sized build per task, module and
-    batch. A task that comes back batch after batch can keep its built weights instead, while
-    they fit: an entry is admitted only when it fits the budget and lives as long as the task's
-    prepared delta (keyed weakly on its keep-mask part, so an evicted or replaced task frees its
-    entries). Nothing is evicted to admit another: under a steady mix the same hot tasks stay
-    built, instead of every batch rebuilding and re-allocating what the previous one evicted.
-    The budget is memory traded for speed, on top of the delta cache's (0 turns it off).
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._built: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
-
-    def get(self, keep: Any) -> torch.Tensor | None:
-        return self._built.get(keep)
-
-    def admit(self, keep: Any, weight: torch.Tensor) -> torch.Tensor | None:
-        """A fresh weight-shaped tensor for `keep`'s built weight, if the budget has room for it."""
-        size = weight.numel() * weight.element_size()
-        if self.nbytes + size > self.budget_bytes:
-            return None
-        built = torch.empty_like(weight)
-        self._built[keep] = built
-        return built
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._built.values())
-
-    def __len__(self) -> int:
-        return len(self._built)
 
 
 class ScratchPool:
@@ -131,7 +92,6 @@ class CpuLinear(BackendLinear):
     """An `nn.Linear` that applies each row's task parts: the formula, in one place for the CPU."""
 
     scratch: ScratchPool
-    built: BuiltWeights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan: ModulePlan | None = self.plan
@@ -155,13 +115,9 @@ class CpuLinear(BackendLinear):
                         _linear_into(x[start:end], masked, self.bias, y[start:end])
                     _add_corrections(x[start:end], y[start:end], parts)
                 else:
-                    buffer = self.built.get(keep)
-                    if buffer is None:
-                        fresh = self.built.admit(keep, self.weight)
-                        buffer = keep.materialise_into(self.weight, fresh if fresh is not None
-                                                       else self.scratch.get(self.weight))
-                        for part in parts.with_role("correct"):
-                            part.add_to_weight(buffer)
+                    buffer = keep.materialise_into(self.weight, self.scratch.get(self.weight))
+                    for part in parts.with_role("correct"):
+                        part.add_to_weight(buffer)
                     _linear_into(x[start:end], buffer, self.bias, y[start:end])
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -174,23 +130,20 @@ class CpuBackend(Backend):
     name = "cpu"
     linear_class = CpuLinear
 
-    def __init__(self, backbone: Any, built_weight_bytes: int = BUILT_WEIGHT_BYTES) -> None:
+    def __init__(self, backbone: Any) -> None:
         super().__init__(backbone)
         self.scratch = ScratchPool()
-        self.built = BuiltWeights(built_weight_bytes)
         self.install()
 
     def make_linear(self, base: torch.nn.Linear, name: str) -> BackendLinear:
         module = CpuLinear(base, name)
         module.scratch = self.scratch
-        module.built = self.built
         return module
 
     def install(self) -> None:
         super().install()
         for module in self.linears.values():
             module.scratch = self.scratch  # type: ignore[attr-defined]
-            module.built = self.built  # type: ignore[attr-defined]
 
     def plan(self, segments: Sequence[Segment], seq_len: int) -> dict[str, ModulePlan]:
         num_rows = segments[-1][1] if segments else 0
