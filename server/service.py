@@ -15,15 +15,20 @@ from typing import Any
 import torch
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, open_store
+from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, TaskNotFound, check_name, open_store
 from server.backbone import Backbone
-from server.batching import Batcher, BatchRunner, Tokenizer
+from server.batching import Answer, Batcher, BatchRunner, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
 from server.metrics import Metrics
+from server.postprocess import UnsupportedInput
 from server.settings import Settings
 
 log = logging.getLogger("deltaserve")
+
+
+class TooManyInputs(ValueError):
+    """More inputs in one request than `max_inputs` (413)."""
 
 
 @dataclass
@@ -69,6 +74,24 @@ class Server:
         self.tokenizer.close()
         if hasattr(self.store, "close"):  # the S3 store's watcher thread
             self.store.close()
+
+    def task(self, name: str) -> TaskInfo:
+        """The task's info; `InvalidTaskName` or `TaskNotFound` otherwise."""
+        check_name(name)
+        info = self.store.get_info(name)
+        if info is None:
+            raise TaskNotFound(name)
+        return info
+
+    async def predict(self, name: str, inputs: list[TextInput]) -> tuple[TaskInfo, Answer]:
+        """Every protocol's one way in: the task's current version answers `inputs` in the mixed batch."""
+        info = self.task(name)
+        if len(inputs) > self.settings.max_inputs:
+            raise TooManyInputs(f"{len(inputs)} inputs in one request; the limit is {self.settings.max_inputs}")
+        if info.task_type == "token-classification" and not all(isinstance(text, str) for text in inputs):
+            raise UnsupportedInput("token-classification tasks take single texts, not pairs")
+        max_length = self.runner.max_length(info.max_length)
+        return info, await self.batcher.predict(name, inputs, max_length)  # 429 before any tokenising
 
     def memory(self) -> dict[str, Any]:
         """`GET /memory` for this server now, with what its cache holds (per replica, behind a proxy)."""

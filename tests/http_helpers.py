@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -95,10 +98,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
     """A real uvicorn server on a free port, in a thread of this process; yields its base URL."""
-    import threading
-    import time
 
-    import uvicorn
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))

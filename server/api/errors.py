@@ -2,6 +2,9 @@
 
 Domain exceptions (unknown task, invalid delta, overload, ...) are raised where they happen and
 mapped to status codes by the handlers `install_error_handlers` puts on the app.
+
+Under `/v2` (the Open Inference Protocol) the same sentence answers as `{"error": "<sentence>"}`,
+as that protocol says, and a malformed request is its 400 rather than 422.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from adapters_store.format import BackboneMismatch, InvalidDelta
 from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, StoreUnavailable, TaskNotFound
 from server.batching import Overloaded, ShuttingDown
 from server.postprocess import UnsupportedInput
+from server.service import TooManyInputs
 
 log = logging.getLogger("deltaserve")
 
@@ -28,11 +32,19 @@ STATUS: dict[type[Exception], int] = {
     InvalidDelta: 422,
     DeltaTooLarge: 413,
     UnsupportedInput: 422,
+    TooManyInputs: 413,
     StoreCorrupt: 500,  # the disk changed under the store: the operator's problem, said plainly
 }
 
 
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def is_oip(path: str) -> bool:
+    """Whether `path` is under the Open Inference Protocol's `/v2`."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    if is_oip(path):
+        return JSONResponse({"error": detail}, status_code=400 if status == 422 else status, headers=headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
@@ -80,11 +92,11 @@ def detail_of(exc: Exception) -> str:
     return str(exc)
 
 
-async def handle(_request: Request, exc: Exception) -> JSONResponse:
+async def handle(request: Request, exc: Exception) -> JSONResponse:
     status, headers = status_of(exc)
     if status == 500 and not isinstance(exc, StoreCorrupt):
         log.error("unhandled error", exc_info=exc)
-    return error_response(status, detail_of(exc), headers)
+    return error_response(status, detail_of(exc), headers, request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -92,5 +92,6 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"the request body is over the limit of {self.limit} bytes")
+        response = error_response(413, f"the request body is over the limit of {self.limit} bytes",
+                                  path=scope["path"])
         await response(scope, receive, send)

@@ -11,10 +11,9 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from adapters_store.storage import DeltaTooLarge, TaskInfo, TaskNotFound, check_name
+from adapters_store.storage import DeltaTooLarge, TaskInfo, check_name
 from server.api.deps import AdminDep, ServerDep, TaskName
 from server.api.schemas import ERRORS, UPLOAD_BODY, PredictRequest, PredictResponse, TaskList
-from server.postprocess import UnsupportedInput
 
 router = APIRouter()
 
@@ -22,17 +21,7 @@ router = APIRouter()
 @router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"])
 async def predict(body: PredictRequest, server: ServerDep, name: TaskName) -> Response:
     """Answer one text, a list of texts, or a list of pairs with the task's current version."""
-    check_name(name)
-    info = server.store.get_info(name)
-    if info is None:
-        raise TaskNotFound(name)
-    inputs = body.as_list()
-    if len(inputs) > server.settings.max_inputs:
-        raise HTTPException(413, f"{len(inputs)} inputs in one request; the limit is {server.settings.max_inputs}")
-    if info.task_type == "token-classification" and not isinstance(inputs[0], str):
-        raise UnsupportedInput("token-classification tasks take single texts, not pairs")
-    max_length = server.runner.max_length(info.max_length)
-    answer = await server.batcher.predict(name, inputs, max_length)  # 429 before any tokenising
+    _, answer = await server.predict(name, body.as_list())
     return JSONResponse({"task": name, "version": answer.version, "predictions": answer.predictions})
 
 
@@ -43,11 +32,7 @@ async def list_tasks(server: ServerDep) -> Response:
 
 @router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"])
 async def get_task(server: ServerDep, name: TaskName) -> Response:
-    check_name(name)
-    info = server.store.get_info(name)
-    if info is None:
-        raise TaskNotFound(name)
-    return JSONResponse(info.to_dict())
+    return JSONResponse(server.task(name).to_dict())
 
 
 @router.put("/tasks/{name}", response_model=TaskInfo, status_code=201, responses=ERRORS, tags=["tasks"],
