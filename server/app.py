@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import dashboard, oip, ops, tasks
+from server.api import dashboard, hf, oip, ops, tasks
 from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
 from server.api.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.include_router(tasks.router)
     app.include_router(ops.router)
     app.include_router(oip.router)
+    app.include_router(hf.router)
     app.include_router(dashboard.router)
     install_error_handlers(app)
     add_examples(app)

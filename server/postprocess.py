@@ -1,7 +1,7 @@
 """From one row's logits (a numpy array) to the JSON prediction of http-api.md.
 
-Sequence classification: softmax over the labels (float64, so scores keep full precision);
-regression: the raw value. Token classification: one label per *word*, read from its first
+Sequence classification: softmax over the labels (float64, so scores keep full precision),
+and the raw logits; regression: the raw value. Token classification: one label per *word*, read from its first
 sub-token (or its last when the delta says `word_piece = last`), with character offsets
 into the input, and entities merged from B-/I- runs (IOB2, IOB1 where a run may open with
 I-, and BIOES's E-/S- closings).
@@ -54,12 +54,15 @@ def predict_row(logits: np.ndarray, head: HeadInfo, text: EncodedText, source: s
 
 
 def sequence_prediction(logits: np.ndarray, labels: Sequence[str]) -> Prediction:
-    probs = softmax(logits.reshape(-1))
+    # The raw logits ride along: the Hugging Face shapes' `function_to_apply` (sigmoid, none) needs them.
+    raw = logits.reshape(-1)
+    probs = softmax(raw)
     best = int(probs.argmax())
     return {
         "label": labels[best],
         "score": float(probs[best]),
         "scores": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+        "logits": {label: float(z) for label, z in zip(labels, raw, strict=True)},
     }
 
 

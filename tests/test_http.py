@@ -64,7 +64,7 @@ def test_prediction_shapes(tiny_backbone, tmp_path):
         client.put("/tasks/ner", content=build_delta(tiny_backbone, task_type="token-classification",
                                                      labels=NER_LABELS), headers=ADMIN)
         (seq,) = client.post("/tasks/sst2/predict", json={"inputs": "good"}).json()["predictions"]
-        assert set(seq) == {"label", "score", "scores"} and set(seq["scores"]) == {"negative", "positive"}
+        assert set(seq) == {"label", "score", "scores", "logits"} and set(seq["scores"]) == {"negative", "positive"}
         assert seq["score"] == max(seq["scores"].values()) and abs(sum(seq["scores"].values()) - 1) < 1e-12
         (reg,) = client.post("/tasks/stsb/predict", json={"inputs": [["a", "b"]]}).json()["predictions"]
         assert set(reg) == {"value"} and isinstance(reg["value"], float)

@@ -5,6 +5,7 @@ through `huggingface_hub.InferenceClient`. Every answer is checked against `POST
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ import tritonclient.http as triton
 from conftest import make_tiny_backbone
 from delta_builders import NER_LABELS, build_delta
 from http_helpers import ADMIN, assert_close, live_server, settings
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError
 from tritonclient.utils import InferenceServerException
 
 from server.app import create_app
@@ -128,3 +131,51 @@ def test_oip_errors_follow_the_protocol(url):
     response = httpx.get(f"{url}/v2/models/nope")
     assert response.status_code == 404 and "nope" in response.json()["error"]
     assert "detail" in httpx.get(f"{url}/tasks/nope").json()  # the native API keeps its own shape
+
+
+# --------------------------------------------------------------------------- Hugging Face Inference API shapes
+
+
+def test_hf_text_classification_equals_predict(url):
+    client = InferenceClient(model=f"{url}/models/sst2")
+    (expected,) = predict(url, "sst2", TEXTS[0])
+    answer = client.text_classification(TEXTS[0])
+    ranked = sorted(expected["scores"].items(), key=lambda item: item[1], reverse=True)
+    assert_close([[a.label, a.score] for a in answer], ranked)  # all labels, best first, /predict's scores
+    (best,) = client.text_classification(TEXTS[0], top_k=1)
+    assert_close([best.label, best.score], [expected["label"], expected["score"]])
+    logits = expected["logits"]
+    raw = client.text_classification(TEXTS[0], function_to_apply="none")
+    assert_close({a.label: a.score for a in raw}, logits)
+    sigmoid = client.text_classification(TEXTS[0], function_to_apply="sigmoid", top_k=2)
+    assert_close({a.label: a.score for a in sigmoid}, {k: 1 / (1 + math.exp(-v)) for k, v in logits.items()})
+
+    (expected,) = predict(url, "stsb", [list(PAIRS[0])])
+    response = httpx.post(f"{url}/models/stsb", json={"inputs": {"text": PAIRS[0][0], "text_pair": PAIRS[0][1]}})
+    assert_close(response.json(), [[{"label": "similarity", "score": expected["value"]}]])
+
+
+def test_hf_token_classification_equals_predict(url):
+    client = InferenceClient(model=f"{url}/models/ner")
+    (expected,) = predict(url, "ner", TEXTS[0])
+    entities = client.token_classification(TEXTS[0])
+    assert entities and [(e.entity_group, e.word, e.start, e.end) for e in entities] == \
+        [(e["label"], e["text"], e["start"], e["end"]) for e in expected["entities"]]
+    assert_close([e.score for e in entities], [e["score"] for e in expected["entities"]])
+    words = client.token_classification(TEXTS[0], aggregation_strategy="none")
+    assert [(w.entity, w.word, w.start) for w in words] == \
+        [(t["label"], t["word"], t["start"]) for t in expected["tokens"] if t["label"] != "O"]
+    dropped = expected["entities"][0]["label"]
+    kept = client.token_classification(TEXTS[0], ignore_labels=[dropped])
+    assert [e.entity_group for e in kept] == [e["label"] for e in expected["entities"] if e["label"] != dropped]
+
+    with pytest.raises(HfHubHTTPError) as err:
+        client.token_classification(TEXTS[0], aggregation_strategy="max")
+    assert err.value.response.status_code == 400 and "aggregation_strategy 'max'" in err.value.response.json()["error"]
+    with pytest.raises(HfHubHTTPError) as err:
+        InferenceClient(model=f"{url}/models/nope").text_classification("x")
+    assert err.value.response.status_code == 404
+    response = httpx.post(f"{url}/models/sst2", json={"inputs": ["fine", " "]})
+    assert response.status_code == 400 and response.json() == {"error": "inputs[1] has an empty text"}
+    response = httpx.post(f"{url}/models/sst2", json={"inputs": "x", "parameters": {"top_k": 0}})
+    assert response.status_code == 400 and "top_k" in response.json()["error"]

@@ -3,8 +3,9 @@
 Domain exceptions (unknown task, invalid delta, overload, ...) are raised where they happen and
 mapped to status codes by the handlers `install_error_handlers` puts on the app.
 
-Under `/v2` (the Open Inference Protocol) the same sentence answers as `{"error": "<sentence>"}`,
-as that protocol says, and a malformed request is its 400 rather than 422.
+Under `/v2` (the Open Inference Protocol) and `/models/` (the Hugging Face Inference API shapes) the
+same sentence answers as `{"error": "<sentence>"}`, as those protocols do, and a malformed request
+is their 400 rather than 422.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ STATUS: dict[type[Exception], int] = {
 }
 
 
-def is_oip(path: str) -> bool:
-    """Whether `path` is under the Open Inference Protocol's `/v2`."""
-    return path == "/v2" or path.startswith("/v2/")
+def speaks_error_key(path: str) -> bool:
+    """Whether `path` belongs to a protocol whose errors read `{"error": ...}` (OIP v2, Hugging Face)."""
+    return path == "/v2" or path.startswith(("/v2/", "/models/"))
 
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
-    if is_oip(path):
+    if speaks_error_key(path):
         return JSONResponse({"error": detail}, status_code=400 if status == 422 else status, headers=headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 

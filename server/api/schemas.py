@@ -49,7 +49,8 @@ class PredictRequest(BaseModel):
 class SequencePrediction(BaseModel):
     label: str
     score: float
-    scores: dict[str, float]
+    scores: dict[str, float] = Field(description="softmax probability of every label")
+    logits: dict[str, float] = Field(description="the head's raw output for every label, before the softmax")
 
 
 class RegressionPrediction(BaseModel):
