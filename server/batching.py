@@ -38,10 +38,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -55,6 +55,8 @@ from server.metrics import Metrics
 from server.postprocess import Prediction, UnsupportedInput, predict_row
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Overloaded(Exception):
@@ -195,6 +197,10 @@ class Tokenizer:
 
     def encode_blocking(self, inputs: Sequence[TextInput], max_length: int) -> list[EncodedText]:
         return self._pool.submit(self.backbone.encode, inputs, max_length).result()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Other tokenizer work (the windows of long texts, server.windows), on the same one thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -17,18 +17,23 @@ import torch
 from adapters_store.format import BackboneMismatch, InvalidDelta
 from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, TaskNotFound, check_name, open_store
 from server.backbone import Backbone
-from server.batching import Answer, Batcher, BatchRunner, TextInput, Tokenizer
+from server.batching import Answer, Batcher, BatchRunner, Job, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
 from server.metrics import Metrics
 from server.postprocess import UnsupportedInput
 from server.settings import Settings
+from server.windows import aligned, encode_windows, merge_windows
 
 log = logging.getLogger("deltaserve")
 
 
 class TooManyInputs(ValueError):
-    """More inputs in one request than `max_inputs` (413)."""
+    """More inputs in one request than `max_inputs`, or more windows than `max_windows` (413)."""
+
+
+class Replaced(RuntimeError):
+    """The task was replaced, again and again, while a windowed request waited (409: try again)."""
 
 
 @dataclass
@@ -83,15 +88,46 @@ class Server:
             raise TaskNotFound(name)
         return info
 
-    async def predict(self, name: str, inputs: list[TextInput]) -> tuple[TaskInfo, Answer]:
-        """Every protocol's one way in: the task's current version answers `inputs` in the mixed batch."""
+    async def predict(self, name: str, inputs: list[TextInput], stride: int | None = None) -> tuple[TaskInfo, Answer]:
+        """Every protocol's one way in: the task's current version answers `inputs` in the mixed batch.
+
+        Token classification splits long texts into windows overlapping by `stride` tokens (default:
+        server.windows.default_stride); sequence classification truncates to the task's max_length.
+        """
         info = self.task(name)
         if len(inputs) > self.settings.max_inputs:
             raise TooManyInputs(f"{len(inputs)} inputs in one request; the limit is {self.settings.max_inputs}")
-        if info.task_type == "token-classification" and not all(isinstance(text, str) for text in inputs):
-            raise UnsupportedInput("token-classification tasks take single texts, not pairs")
+        if info.task_type == "token-classification":
+            texts = [text for text in inputs if isinstance(text, str)]
+            if len(texts) != len(inputs):
+                raise UnsupportedInput("token-classification tasks take single texts, not pairs")
+            return await self._predict_windows(name, texts, stride)
         max_length = self.runner.max_length(info.max_length)
         return info, await self.batcher.predict(name, inputs, max_length)  # 429 before any tokenising
+
+    async def _predict_windows(self, name: str, texts: list[str], stride: int | None) -> tuple[TaskInfo, Answer]:
+        """Every window of every text as one job's rows; each text's words merged from its windows."""
+        for _ in range(3):
+            info = self.task(name)
+            max_length = self.runner.max_length(info.max_length)
+            windows = await self.tokenizer.run(encode_windows, self.backbone, texts, max_length, stride)
+            count = sum(len(w) for w in windows)
+            if count > self.settings.max_windows:
+                raise TooManyInputs(f"the texts of this request take {count} windows of {max_length} tokens; "
+                                    f"the limit is {self.settings.max_windows}")
+            rows = [window for text_windows in windows for window in text_windows]
+            sources = [text for text, text_windows in zip(texts, windows, strict=True) for _ in text_windows]
+            answer = await self.batcher.submit(Job(name, sources, rows, max_length))
+            merged, at = [], 0
+            for text, text_windows in zip(texts, windows, strict=True):
+                predictions = answer.predictions[at:at + len(text_windows)]
+                at += len(text_windows)
+                if not aligned(text_windows, predictions):
+                    break  # a new version with another max_length re-tokenised the rows: window again
+                merged.append(merge_windows(text_windows, predictions, text))
+            else:
+                return info, Answer(answer.task, answer.version, merged)
+        raise Replaced(f"task {name!r} was replaced while this request waited, three times; try again")
 
     def memory(self) -> dict[str, Any]:
         """`GET /memory` for this server now, with what its cache holds (per replica, behind a proxy)."""

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
 
     max_length: int = Field(128, ge=2, description="truncation for tasks whose delta names no max_length")
     max_inputs: int = Field(64, ge=1, description="most inputs in one predict request (413 beyond)")
+    max_windows: int = Field(128, ge=1, description="most windows (of max_length tokens) the long texts of one "
+                                                     "token-classification request may take (413 beyond)")
     max_batch_tokens: int = Field(2048, ge=1, description="most padded tokens (longest input × rows) in one "
                                                           "engine forward")
     max_batch_requests: int = Field(64, ge=1, description="most inputs (rows) in one engine forward")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_tiny_backbone
 from delta_builders import NER_LABELS, build_delta
-from http_helpers import ADMIN, assert_close, engine_answer, served
+from http_helpers import ADMIN, assert_close, engine_answer, matches, served
 
 TEXTS = ["a gripping, funny and moving film", "dull.", "The plot of this film, set in Paris, never works at all."]
 PAIRS = [("A man is sleeping.", "Someone rests."), ("The cat sat.", "A stock market crash in New York.")]
@@ -79,15 +79,21 @@ def test_prediction_shapes(tiny_backbone, tmp_path):
 
 
 def test_truncation_follows_the_task_max_length(tiny_backbone, reference, tmp_path):
-    long_text = " ".join(["word"] * 300)
-    short = build_delta(reference, max_length=8, task_type="token-classification", labels=NER_LABELS)
-    default = build_delta(reference, task_type="token-classification", labels=NER_LABELS)
+    """Sequence classification truncates to the task's max_length (the delta's, else the server's); token
+    classification cuts a long text into windows of that length instead (tests/test_windows.py): no word lost."""
+    long_text = " ".join(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"] * 40)
+    short = build_delta(reference, max_length=8)
+    default = build_delta(reference)
+    ner = build_delta(reference, max_length=8, task_type="token-classification", labels=NER_LABELS)
     with served(tiny_backbone, tmp_path, max_length=16) as client:
-        client.put("/tasks/short", content=short, headers=ADMIN)
-        client.put("/tasks/default", content=default, headers=ADMIN)
-        tokens = {name: client.post(f"/tasks/{name}/predict", json={"inputs": long_text}).json()["predictions"][0]
-                  ["tokens"] for name in ("short", "default")}
-    assert len(tokens["short"]) == 8 - 2 and len(tokens["default"]) == 16 - 2  # minus [CLS] and [SEP]
+        for name, data in (("short", short), ("default", default), ("ner", ner)):
+            client.put(f"/tasks/{name}", content=data, headers=ADMIN)
+        answers = {name: client.post(f"/tasks/{name}/predict", json={"inputs": long_text}).json()["predictions"]
+                   for name in ("short", "default", "ner")}
+    assert_close(answers["short"], engine_answer(reference, short, [long_text]))  # the delta's 8
+    assert_close(answers["default"], engine_answer(reference, default, [long_text], 16))  # the server's 16
+    assert not matches(answers["default"], engine_answer(reference, default, [long_text], 8))
+    assert [t["word"] for t in answers["ner"][0]["tokens"]] == long_text.split()
 
 
 def test_store_routes(tiny_backbone, tmp_path):

@@ -21,7 +21,8 @@ from adapters_store.format import BackboneMismatch, InvalidDelta
 from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, StoreUnavailable, TaskNotFound
 from server.batching import Overloaded, ShuttingDown
 from server.postprocess import UnsupportedInput
-from server.service import TooManyInputs
+from server.service import Replaced, TooManyInputs
+from server.windows import BadStride
 
 log = logging.getLogger("deltaserve")
 
@@ -34,6 +35,8 @@ STATUS: dict[type[Exception], int] = {
     DeltaTooLarge: 413,
     UnsupportedInput: 422,
     TooManyInputs: 413,
+    BadStride: 422,
+    Replaced: 409,
     StoreCorrupt: 500,  # the disk changed under the store: the operator's problem, said plainly
 }
 

@@ -12,8 +12,8 @@ sends a URL model as is). The answers are those of the transformers pipelines:
   `aggregation_strategy` `simple` (default) or `first` merges B-/I- runs into entities, `none`
   answers each word with `entity`; `average` and `max` are refused (this server labels a word from
   one of its sub-tokens, the delta's `word_piece`, and keeps no per-sub-token scores);
-  `ignore_labels` (default `["O"]`) drops labels or entity groups. `stride` is accepted and
-  checked; long texts are windowed by the server anyway.
+  `ignore_labels` (default `["O"]`) drops labels or entity groups. `stride` is the overlap, in
+  tokens, of the windows a long text is cut into (server.windows; default a quarter window).
 
 A single text answers the pipeline's single-input shape, a list the list of those. Errors answer
 `{"error": "<sentence>"}` like the Inference API (see `server.api.errors`).
@@ -51,7 +51,8 @@ class HfParameters(BaseModel):
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] | None = Field(
         None, description="token classification: simple/first merge entities, none answers each word")
     ignore_labels: list[str] | None = Field(None, description='token classification: labels to drop (default ["O"])')
-    stride: int | None = Field(None, ge=0, description="token classification: accepted; the server windows long texts")
+    stride: int | None = Field(None, ge=0,
+                               description="token classification: overlap in tokens of a long text's windows")
 
 
 class HfRequest(BaseModel):
@@ -116,7 +117,7 @@ async def hf_inference(body: HfRequest, server: ServerDep, name: TaskName) -> Re
         if strategy in ("average", "max"):
             raise UnsupportedInput(f"aggregation_strategy {strategy!r} is not supported: this server labels each "
                                    "word from one sub-token; use 'simple', 'first' or 'none'")
-        _, answer = await server.predict(name, inputs)
+        _, answer = await server.predict(name, inputs, params.stride)
         ignore = set(params.ignore_labels if params.ignore_labels is not None else ["O"])
         tokens = [_token_answer(p, strategy, ignore) for p in answer.predictions]
         return JSONResponse(tokens[0] if single else tokens)
