@@ -50,6 +50,15 @@ def _peft_model(tmp_path: Path, tokenizer, task: str, **lora):
     ("SEQ_CLS", {"r": 4, "lora_alpha": 8, "use_rslora": True,
                  "target_modules": ["query", "key", "dense"]}),
     ("TOKEN_CLS", {"r": 2, "lora_alpha": 16, "target_modules": ["value", "intermediate.dense"]}),
+    # Patterns of both shapes, as PEFT matches them (against the full name, `bert.` included): a full module
+    # name, a suffix, a regular expression; the first matching key wins.
+    ("SEQ_CLS", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+                 "alpha_pattern": {"bert.encoder.layer.0.attention.self.query": 32,
+                                   r"layer\.[12]\.attention\.self\.value": 2, "value": 5},
+                 "rank_pattern": {"bert.encoder.layer.1.attention.self.query": 2, "layer.2.attention.self.value": 6}}),
+    ("TOKEN_CLS", {"r": 2, "lora_alpha": 4, "target_modules": ["query", "intermediate.dense"],
+                   "alpha_pattern": {"bert.encoder.layer.2.intermediate.dense": 64, "attention.self.query": 1},
+                   "rank_pattern": {"bert.encoder.layer.0.intermediate.dense": 3}}),
 ])
 def test_import_peft_matches_peft_forward(tmp_path, tokenizer, task, lora):
     peft_model, base_dir, adapter_dir = _peft_model(tmp_path, tokenizer, task, **lora)

@@ -1,7 +1,8 @@
 """Convert a PEFT LoRA adapter folder into a task delta.
 
 Reads `adapter_config.json` and `adapter_model.safetensors`, folds the scale (alpha/r, or
-alpha/sqrt(r) with rsLoRA, per-module rank/alpha patterns included) into B, maps PEFT's key
+alpha/sqrt(r) with rsLoRA, per-module rank/alpha patterns matched as PEFT matches them, against the
+full module name) into B, maps PEFT's key
 names (`base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`) to the
 backbone's module names, and takes the head from `modules_to_save` (`classifier`, and for
 RoBERTa's head `classifier.dense` as the task pooler + `classifier.out_proj`). Anything the
@@ -38,20 +39,28 @@ class PeftImportError(ValueError):
     """The adapter uses something a task delta cannot express."""
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
+def _pattern_value(patterns: dict, full_module: str, default: float) -> float:
+    """The value of the first pattern matching the module as PEFT matches it (`peft.utils.other.get_pattern_key`):
+    a regular expression for the end of the *full* module name (`bert.encoder.layer.0.attention.self.query`,
+    model prefix included), starting at a dot boundary; the first key in the config's order wins."""
     for key, value in patterns.items():
-        if re.search(rf"(^|\.){key}$", module) or re.fullmatch(key, module):
+        if re.match(rf"(.*\.)?({key})$", full_module):
             return value
     return default
 
 
-def _strip(key: str) -> str:
+def _peft_name(key: str) -> str:
+    """A saved key as the module names PEFT saw: `base_model.model.` and the wrapper parts dropped."""
     key = key.removeprefix("base_model.model.")
-    key = key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    return key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+
+
+def _strip(name: str) -> str:
+    """A PEFT module name as the backbone's: the task model's prefix (`bert.`, `roberta.`, ...) dropped."""
     for prefix in BASE_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def import_peft(folder: str | Path, backbone: Backbone, *, labels: list[str] | None = None,
@@ -73,15 +82,18 @@ def import_peft(folder: str | Path, backbone: Backbone, *, labels: list[str] | N
         raise PeftImportError("cannot tell the task type from adapter_config.json; pass --task-type")
 
     pieces: dict[str, dict[str, torch.Tensor]] = {}
+    full_names: dict[str, str] = {}  # backbone module -> the name PEFT matched its patterns against
     head: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        name = _strip(key)
+        full = _peft_name(key)
+        name = _strip(full)
         match = _LORA_KEY.match(name)
         if match:
             module = match.group("module")
             if module not in backbone.linear_modules:
                 raise PeftImportError(f"{key}: the backbone has no linear module {module!r}")
             pieces.setdefault(module, {})[match.group("part")] = tensor.float()
+            full_names[module] = _LORA_KEY.match(full).group("module")  # type: ignore[union-attr]
         elif name in HEAD_KEYS:
             head[HEAD_KEYS[name]] = tensor.float()
         else:
@@ -93,8 +105,8 @@ def import_peft(folder: str | Path, backbone: Backbone, *, labels: list[str] | N
         if set(parts) != {"A", "B"}:
             raise PeftImportError(f"{module}: lora_A and lora_B must both be present")
         rank = parts["A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
-        declared = _pattern_value(config.get("rank_pattern") or {}, module, rank_default)
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, full_names[module], alpha_default)
+        declared = _pattern_value(config.get("rank_pattern") or {}, full_names[module], rank_default)
         if declared != rank:
             raise PeftImportError(f"{module}: rank {rank} in the weights but {declared} in the config")
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
