@@ -16,6 +16,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from server.api.errors import speaks_error_key
+
 FINGERPRINT = "sha256:de66bc42eb878235190694c1d73c5823"
 
 TASK_INFO = {
@@ -27,8 +29,10 @@ TASK_INFO = {
 }
 
 SEQUENCE_ANSWER = {"task": "sst2-mask", "version": 1, "predictions": [
-    {"label": "positive", "score": 0.9835, "scores": {"negative": 0.0165, "positive": 0.9835}},
-    {"label": "negative", "score": 0.9748, "scores": {"negative": 0.9748, "positive": 0.0252}},
+    {"label": "positive", "score": 0.9835, "scores": {"negative": 0.0165, "positive": 0.9835},
+     "logits": {"negative": -2.0137, "positive": 2.0794}},
+    {"label": "negative", "score": 0.9748, "scores": {"negative": 0.9748, "positive": 0.0252},
+     "logits": {"negative": 1.7843, "positive": -1.8741}},
 ]}
 
 TOKEN_ANSWER = {"task": "conll-ner", "version": 1, "predictions": [{
@@ -96,6 +100,53 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/metrics"): {"200": METRICS},
 }
 
+# The standard protocols (server/api/oip.py, server/api/hf.py), with the same server's answers.
+SST2_METADATA = {
+    "name": "sst2-mask", "versions": ["1"], "platform": "deltaserve",
+    "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]},
+               {"name": "text_pair", "datatype": "BYTES", "shape": [-1]}],
+    "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "score", "datatype": "FP64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP64", "shape": [-1, 2]}],
+    "parameters": {"task_type": "sequence-classification", "problem_type": "single_label",
+                   "labels": ["negative", "positive"]},
+}
+INFER_REQUEST = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+                             "data": ["a gripping, funny film", "a dull, tedious mess"]}]}
+INFER_ANSWER = {"model_name": "sst2-mask", "model_version": "1", "outputs": [
+    {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["positive", "negative"]},
+    {"name": "score", "datatype": "FP64", "shape": [2], "data": [0.983586439759063, 0.974872677214752]},
+    {"name": "probabilities", "datatype": "FP64", "shape": [2, 2],
+     "data": [0.016413560240936893, 0.983586439759063, 0.974872677214752, 0.025127322785248013]},
+]}
+NER_INFER_ANSWER = {"model_name": "conll-ner", "model_version": "1", "outputs": [
+    {"name": "entities", "datatype": "BYTES", "shape": [1], "data": [
+        '[{"text": "Angela Merkel", "label": "PER", "start": 0, "end": 13, "score": 0.9962224788135008}, '
+        '{"text": "Washington", "label": "LOC", "start": 22, "end": 32, "score": 0.9946845142962994}]']},
+    {"name": "tokens", "datatype": "BYTES", "shape": [1], "data": [
+        '[{"word": "Angela", "start": 0, "end": 6, "label": "B-PER", "score": 0.993542378960617}, ...]']},
+]}
+HF_TEXT_ANSWER = [[{"label": "positive", "score": 0.9835864513062588},
+                   {"label": "negative", "score": 0.016413548693741196}]]
+HF_TOKEN_ANSWER = [
+    {"entity_group": "PER", "score": 0.9962224788135008, "word": "Angela Merkel", "start": 0, "end": 13},
+    {"entity_group": "LOC", "score": 0.9946845142962994, "word": "Washington", "start": 22, "end": 32},
+]
+READY = {"name": "sst2-mask", "ready": True}
+
+EXAMPLES.update({
+    ("get", "/v2"): {"200": {"name": "deltaserve", "version": "1", "extensions": ["binary_tensor_data"]}},
+    ("get", "/v2/health/live"): {"200": {"live": True}},
+    ("get", "/v2/health/ready"): {"200": {"ready": True}},
+    ("get", "/v2/models/{name}"): {"200": SST2_METADATA},
+    ("get", "/v2/models/{name}/versions/{version}"): {"200": SST2_METADATA},
+    ("get", "/v2/models/{name}/ready"): {"200": READY},
+    ("get", "/v2/models/{name}/versions/{version}/ready"): {"200": READY},
+    ("post", "/v2/models/{name}/infer"): {"request": INFER_REQUEST, "200": INFER_ANSWER},
+    ("post", "/v2/models/{name}/versions/{version}/infer"): {"request": INFER_REQUEST, "200": INFER_ANSWER},
+    ("post", "/models/{name}"): {"request": {"inputs": "a gripping, funny film"}, "200": HF_TEXT_ANSWER},
+})
+
 # Named alternatives shown beside the main example (OpenAPI `examples`).
 MORE = {
     ("post", "/tasks/{name}/predict", "request"): {
@@ -103,6 +154,30 @@ MORE = {
         "texts": {"value": {"inputs": ["a gripping, funny film", "a dull, tedious mess"]}},
         "pairs (sentence-pair tasks)": {"value": {"inputs": [["A man sleeps.", "Someone rests."]]}},
         "token classification": {"value": {"inputs": "Angela Merkel visited Washington."}},
+    },
+    ("post", "/v2/models/{name}/infer", "request"): {
+        "texts": {"value": INFER_REQUEST},
+        "a pair (sentence-pair tasks)": {"value": {"inputs": [
+            {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["A man sleeps."]},
+            {"name": "text_pair", "shape": [1], "datatype": "BYTES", "data": ["Someone rests."]}]}},
+        "JSON outputs asked by name": {"value": {**INFER_REQUEST, "outputs": [{"name": "label"}]}},
+    },
+    ("post", "/v2/models/{name}/infer", "200"): {
+        "sequence classification": {"value": INFER_ANSWER},
+        "token classification (each element a JSON list)": {"value": NER_INFER_ANSWER},
+    },
+    ("post", "/models/{name}", "request"): {
+        "text classification": {"value": {"inputs": "a gripping, funny film"}},
+        "top_k, function_to_apply": {"value": {"inputs": "a gripping, funny film",
+                                               "parameters": {"top_k": 1, "function_to_apply": "sigmoid"}}},
+        "a pair": {"value": {"inputs": {"text": "A man sleeps.", "text_pair": "Someone rests."}}},
+        "token classification": {"value": {"inputs": "Angela Merkel visited Washington.",
+                                           "parameters": {"aggregation_strategy": "simple",
+                                                          "ignore_labels": ["O"]}}},
+    },
+    ("post", "/models/{name}", "200"): {
+        "text classification": {"value": HF_TEXT_ANSWER},
+        "token classification": {"value": HF_TOKEN_ANSWER},
     },
     ("post", "/tasks/{name}/predict", "200"): {
         "sequence classification": {"value": SEQUENCE_ANSWER},
@@ -117,6 +192,7 @@ DESCRIPTIONS = {
 }
 
 ERRORS = {
+    "400": "unknown input 'sentence': this model takes 'text' (and 'text_pair')",
     "401": "this route needs 'Authorization: Bearer <admin token>'",
     "404": "task 'sst2' not found",
     "409": f"backbone_fingerprint: delta was made for backbone 'sha256:0a1b…'; this server runs '{FINGERPRINT}'",
@@ -167,7 +243,8 @@ def add_examples(app: FastAPI) -> None:
                             content["application/json"] = {}
                         _media_examples(content, known[status], MORE.get((method, path, status)))
                     elif status in ERRORS and "content" in response:
-                        _media_examples(response["content"], {"detail": ERRORS[status]}, None)
+                        key = "error" if speaks_error_key(path) else "detail"  # the protocols' own shape
+                        _media_examples(response["content"], {key: ERRORS[status]}, None)
         app.openapi_schema = schema
         return schema
 

@@ -56,12 +56,6 @@ class HfParameters(BaseModel):
 
 
 class HfRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"inputs": "a gripping, funny film", "parameters": {"top_k": 1}},
-        {"inputs": "Angela Merkel visited Washington", "parameters": {"aggregation_strategy": "simple"}},
-        {"inputs": {"text": "A man sleeps.", "text_pair": "Someone rests."}},
-    ]})
-
     inputs: str | TextPair | list[str] | list[TextPair] = Field(
         description="a text, a {text, text_pair} pair, or a list of either")
     parameters: HfParameters = Field(default_factory=HfParameters)
@@ -89,14 +83,9 @@ class TokenEntity(BaseModel):
     end: int
 
 
+# Examples (request and answers) are in server/api/examples.py with the others.
 HF_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/json": {"examples": {
-        "text classification": {"value": [[{"label": "positive", "score": 0.97},
-                                            {"label": "negative", "score": 0.03}]]},
-        "token classification": {"value": [{"entity_group": "PER", "score": 0.99, "word": "Angela Merkel",
-                                            "start": 0, "end": 13}]},
-    }}}},
-    **{code: {"model": dict[str, str]} for code in (400, 404, 409, 413, 429, 503)},
+    code: {"model": dict[str, str]} for code in (400, 404, 409, 413, 429, 503)
 }
 
 

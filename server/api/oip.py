@@ -38,7 +38,7 @@ TEXT, TEXT_PAIR = "text", "text_pair"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-# --------------------------------------------------------------------------- schemas
+# --------------------------------------------------------------------------- schemas (examples: server/api/examples.py)
 
 
 class TensorMetadata(BaseModel):
@@ -70,12 +70,6 @@ class RequestedOutput(BaseModel):
 
 
 class InferRequest(BaseModel):
-    model_config = {"json_schema_extra": {"examples": [
-        {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a gripping film", "dull"]}]},
-        {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["A man sleeps."]},
-                    {"name": "text_pair", "shape": [1], "datatype": "BYTES", "data": ["Someone rests."]}]},
-    ]}}
-
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     inputs: list[InferInput]
@@ -91,13 +85,6 @@ class InferOutput(BaseModel):
 
 
 class InferResponse(BaseModel):
-    model_config = {"json_schema_extra": {"examples": [{
-        "model_name": "sst2", "model_version": "1",
-        "outputs": [{"name": "label", "shape": [1], "datatype": "BYTES", "data": ["positive"]},
-                    {"name": "score", "shape": [1], "datatype": "FP64", "data": [0.97]},
-                    {"name": "probabilities", "shape": [1, 2], "datatype": "FP64", "data": [0.03, 0.97]}],
-    }]}}
-
     model_name: str
     model_version: str
     id: str | None = None
