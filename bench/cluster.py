@@ -19,7 +19,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -101,6 +103,7 @@ def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes],
         for replicas, threads in ((1, 2), (2, 1)):
             settings = Settings(store=s3_url, backbone=backbone_name, replicas=replicas, threads=threads, demo=False,
                                 port=port, ray_replica_cpus=2 / replicas)
+            serve.delete("deltaserve")  # the previous replicas give their CPUs back before the new ones start
             started = time.perf_counter()
             serve.run(application(settings), name="deltaserve", route_prefix="/")
             ready_s = time.perf_counter() - started
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    # A stop (timeout, kill) unwinds like Ctrl-C: Ray and SeaweedFS are shut down, not left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.update({**CREDENTIALS, "PYTHONPATH": str(ROOT)})
     backbone = Backbone.load(device="cpu")
     deltas = {f"task{i:02d}": make_method_delta(backbone, METHODS[i % len(METHODS)], seed=i).to_bytes()
