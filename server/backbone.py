@@ -29,6 +29,22 @@ from adapters_store.format import BackboneSpec
 
 TextInput = str | tuple[str, str]
 
+# Tokens kept beyond the truncation limit when a pair's side is cut before pair truncation.
+CUT_MARGIN = 16
+
+
+class InvalidText(ValueError):
+    """A text the tokenizer cannot take (not valid Unicode); the HTTP layer answers 422."""
+
+
+def check_text(text: str, where: str = "inputs") -> None:
+    """Raise `InvalidText` for a lone surrogate (JSON's "\\ud800" or raw bytes ED A0 80 decode to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidText(f"{where} is not valid Unicode: a lone surrogate {text[err.start]!r} at "
+                          f"character {err.start}") from None
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -257,15 +273,24 @@ class Backbone:
     # ------------------------------------------------------------------ tokenisation
 
     def encode(self, inputs: Sequence[TextInput], max_length: int | None = None) -> list[EncodedText]:
-        """Tokenise single texts or pairs, truncated to `max_length` tokens."""
+        """Tokenise single texts or pairs, truncated to `max_length` tokens.
+
+        Cost is linear in the input: a pair is first cut, side by side, to what truncation
+        could keep (`_cut_to_tokens`), because the fast tokenizer's `longest_first` pair
+        truncation builds every combination of the two sides' overflow windows, quadratic
+        in their lengths (two 50,000-word sides took 24 GB). Raises `InvalidText` for a text
+        that is not valid Unicode (a lone surrogate).
+        """
         limit = min(max_length or self.max_length, self.max_positions)
         encoded = []
         for item in inputs:
+            for text in (item,) if isinstance(item, str) else item:
+                check_text(text)
             if isinstance(item, str):
                 enc = self.tokenizer(item, truncation=True, max_length=limit, return_offsets_mapping=True,
                                      return_special_tokens_mask=True)
             else:
-                first, second = item
+                first, second = self._cut_pair(item[0], item[1], limit)
                 enc = self.tokenizer(first, second, truncation="longest_first", max_length=limit,
                                      return_offsets_mapping=True, return_special_tokens_mask=True)
             types = enc.get("token_type_ids") if self.uses_token_types else None
@@ -280,6 +305,43 @@ class Backbone:
                 )
             )
         return encoded
+
+    def _cut_pair(self, first: str, second: str, limit: int) -> tuple[str, str]:
+        """Both sides cut after the tokens that `longest_first` truncation to `limit` could keep.
+
+        Only suffixes go, so offsets stay offsets into the original texts. Each side keeps
+        `limit + CUT_MARGIN` tokens (the margin keeps the kept tokens the same when a cut
+        word is re-tokenised), and the longer side one more, because `longest_first` gives
+        the odd token to whichever side is longer.
+        """
+        keep = limit + CUT_MARGIN
+        sides = [self._token_ends(text, keep + 1) for text in (first, second)]
+        (n1, _), (n2, _) = sides
+        wanted = [min(n1, keep), min(n2, keep)]
+        if wanted[0] == wanted[1] and n1 != n2:
+            wanted[0 if n1 > n2 else 1] += 1
+        out = []
+        for text, (count, ends), k in zip((first, second), sides, wanted, strict=True):
+            out.append(text if count <= k else text[: ends[k - 1]])
+        return out[0], out[1]
+
+    def _token_ends(self, text: str, upto: int) -> tuple[int, list[int]]:
+        """How many tokens `text` has (no special tokens), and the end offsets of the first `upto`.
+
+        Linear in the text: one tokenisation, no truncation (whose overflow windows are what
+        makes pairs quadratic). Only `upto` of a long text's tokens become Python values.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return len(enc["input_ids"]), [end for _, end in enc["offset_mapping"][:upto]]
+        if backend.truncation is not None:
+            # The wrapper leaves its last truncation set on the backend; it sets it again on its next call.
+            backend.no_truncation()
+        encoding = backend.encode(text, add_special_tokens=False)
+        count = len(encoding)
+        encoding.truncate(upto)
+        return count, [end for _, end in encoding.offsets]
 
     def pad(self, texts: Sequence[Tokenised]) -> dict[str, torch.Tensor]:
         """`pad_batch` on this backbone's padding id, moved to its device."""
