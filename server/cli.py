@@ -20,6 +20,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from adapters_store.format import InvalidDelta, module_part_of_suffix, parse_delta, read_metadata
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("file", type=Path)
     push.add_argument("--name", required=True, help="task name")
     push.add_argument("--url", default=os.environ.get("DELTASERVE_URL", "http://127.0.0.1:8000"))
-    push.add_argument("--token", default=os.environ.get("DELTASERVE_ADMIN_TOKEN"), help="admin token, if any")
+    push.add_argument("--token", default=os.environ.get("DELTASERVE_ADMIN_TOKEN"),
+                      help="admin token, if any (env DELTASERVE_ADMIN_TOKEN)")
+    push.add_argument("--token-file", type=Path, default=os.environ.get("DELTASERVE_ADMIN_TOKEN_FILE"),
+                      help="read the admin token from this file, out of sight of ps (env DELTASERVE_ADMIN_TOKEN_FILE)")
     push.set_defaults(func=run_push)
 
     add_parsers(commands)
@@ -97,7 +101,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as err:
+        # Only the messages: pydantic's own text repeats the input, which may be a token.
+        for problem in err.errors(include_url=False, include_input=False):
+            where = ".".join(str(x) for x in problem["loc"])
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            print(f"deltaserve serve: {where + ': ' if where else ''}{message}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warning = exposure_warning(settings)
     if warning:
@@ -200,8 +212,9 @@ def run_push(args: argparse.Namespace) -> int:
     import httpx
 
     headers = {"Content-Type": "application/octet-stream"}
-    if args.token:
-        headers["Authorization"] = f"Bearer {args.token}"
+    token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else args.token
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     url = f"{args.url.rstrip('/')}/tasks/{args.name}"
     try:
         response = httpx.put(url, content=args.file.read_bytes(), headers=headers, timeout=120)

@@ -2,6 +2,10 @@
 
 Flags given on the command line win over environment variables, which win over defaults
 (pydantic-settings: init arguments first, then the environment).
+
+Tokens: an empty token is refused rather than read as "no authentication" (`--admin-token ''`
+once let every upload through), and each token can come from a file (`--admin-token-file`,
+`DELTASERVE_ADMIN_TOKEN_FILE`, the containers' `_FILE` convention) so that it never shows in `ps`.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -26,7 +30,12 @@ class Settings(BaseSettings):
     store_poll_s: float = Field(1.0, gt=0, le=60, description="how often an S3 store's manifest is checked for "
                                                                 "other replicas' changes (seconds)")
     backbone: str | None = Field(None, description="folder or hub name of the backbone; default: packaged MiniLM")
-    admin_token: str | None = Field(None, description="when set, PUT and DELETE need 'Authorization: Bearer <token>'")
+    admin_token: str | None = Field(None, repr=False,
+                                    description="when set, PUT and DELETE need 'Authorization: Bearer <token>'")
+    admin_token_file: Path | None = Field(None, description="read the admin token from this file (not shown in ps)")
+    api_key: str | None = Field(None, repr=False, description="when set, predict and the read routes need "
+                                "'Authorization: Bearer <key>' (or the admin token); /health stays open")
+    api_key_file: Path | None = Field(None, description="read the API key from this file")
     device: str | None = Field(None, description="torch device; default: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="backbone precision; auto = float16 on CUDA, float32 on CPU")
@@ -37,6 +46,8 @@ class Settings(BaseSettings):
     max_inputs: int = Field(64, ge=1, description="most inputs in one predict request (413 beyond)")
     max_windows: int = Field(128, ge=1, description="most windows (of max_length tokens) the long texts of one "
                                                      "token-classification request may take (413 beyond)")
+    max_input_chars: int = Field(100_000, ge=1, description="most characters in one text of a predict request "
+                                 "(413 beyond, before any tokenising)")
     max_batch_tokens: int = Field(2048, ge=1, description="most padded tokens (longest input × rows) in one "
                                                           "engine forward")
     max_batch_requests: int = Field(64, ge=1, description="most inputs (rows) in one engine forward")
@@ -66,3 +77,29 @@ class Settings(BaseSettings):
     def _store_as_text(cls, value: object) -> object:
         # A Path stays usable (tests, callers); kept as text so that "s3://bucket" keeps its two slashes.
         return str(value) if isinstance(value, Path) else value
+
+    @model_validator(mode="after")
+    def _tokens(self) -> Settings:
+        self.admin_token = _token("admin_token", self.admin_token, self.admin_token_file)
+        self.api_key = _token("api_key", self.api_key, self.api_key_file)
+        return self
+
+
+def _token(name: str, value: str | None, file: Path | None) -> str | None:
+    """The token given directly or in a file; never empty (empty would silently mean "no authentication")."""
+    flag, env = "--" + name.replace("_", "-"), "DELTASERVE_" + name.upper()
+    if value is not None and file is not None:
+        raise ValueError(f"{name}: give {flag} ({env}) or {flag}-file ({env}_FILE), not both")
+    if file is not None:
+        try:
+            value = file.read_text(encoding="utf-8").strip()  # editors and `echo` add a newline
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{name}: cannot read {flag}-file {str(file)!r}: {err}") from None
+        if not value:
+            raise ValueError(f"{name}: the file {str(file)!r} is empty; an empty token would turn "
+                             f"authentication off")
+        return value
+    if value is not None and not value.strip():
+        raise ValueError(f"{name}: {flag} ({env}) is empty; an empty token would turn authentication off. "
+                         f"Unset it to run without one")
+    return value
