@@ -36,6 +36,9 @@ TASK_TYPES = ("sequence-classification", "token-classification")
 PROBLEM_TYPES = ("single_label", "regression")
 WORD_PIECES = ("first", "last")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest magnitude of any float value: what float16 (a GPU serving dtype) holds. No trained delta
+# comes near it, and a value past it overflows the forward pass (a 3e38 head made every answer inf).
+MAX_ABS_VALUE = 65504.0
 
 TaskType = Literal["sequence-classification", "token-classification"]
 
@@ -123,6 +126,8 @@ class DeltaMeta:
             labels = json.loads(required("labels"))
         except json.JSONDecodeError as err:
             raise InvalidDelta("labels", f"is not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise InvalidDelta("labels", "is JSON nested too deeply") from None
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise InvalidDelta("labels", "must be a non-empty JSON array of strings")
         if len(set(labels)) != len(labels):
@@ -177,6 +182,9 @@ def _check_float(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None
     _check_shape(key, tensor, shape)
     if not bool(torch.isfinite(tensor).all()):
         raise InvalidDelta(key, "contains NaN or infinity")
+    if tensor.numel() and float(tensor.abs().max()) > MAX_ABS_VALUE:
+        raise InvalidDelta(key, f"has a value of magnitude {float(tensor.abs().max()):.3g}; values must lie within "
+                           f"±{MAX_ABS_VALUE:g} (what float16 holds) or the forward pass overflows")
 
 
 def _check_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -570,6 +578,8 @@ def read_metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8 : 8 + header_len])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidDelta("file", "not a safetensors file (header is not JSON)") from None
+    except RecursionError:  # Python's parser recurses per level: a deep header would be a 500
+        raise InvalidDelta("file", "not a safetensors file (header JSON nested too deeply)") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if metadata is None:
         return {}

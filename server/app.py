@@ -19,7 +19,12 @@ from fastapi import FastAPI
 from server.api import dashboard, hf, oip, ops, tasks
 from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
-from server.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from server.api.middleware import (
+    BodyLimitMiddleware,
+    InternalErrorMiddleware,
+    MethodsMiddleware,
+    MetricsMiddleware,
+)
 from server.backbone import Backbone
 from server.service import Server
 from server.settings import Settings
@@ -50,7 +55,10 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
                   description="One frozen encoder, many task deltas, any mix of tasks in one forward pass.",
                   lifespan=lifespan)
     app.state.settings = settings
-    # Outermost last: the metrics middleware also counts what the body limit refuses.
+    # Outermost last: the metrics middleware also counts what the body limit refuses, and the
+    # internal-error one is innermost so that it answers a 500 before Starlette's closes the connection.
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(MethodsMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware)
     app.include_router(tasks.router)

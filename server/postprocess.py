@@ -23,6 +23,10 @@ class UnsupportedInput(ValueError):
     """An input this task cannot answer (a pair for token classification)."""
 
 
+class NonFiniteOutput(UnsupportedInput):
+    """The task's logits overflowed for this input: answered as a clear error, never as non-JSON floats."""
+
+
 class HeadInfo(Protocol):
     """What post-processing needs to know of a task (a `DeltaMeta` or a store `TaskInfo`)."""
 
@@ -44,6 +48,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict_row(logits: np.ndarray, head: HeadInfo, text: EncodedText, source: str | tuple[str, str]) -> Prediction:
+    if not np.isfinite(logits).all():
+        # Upload validation bounds every value, so this needs a delta that overflows on this very input.
+        raise NonFiniteOutput("the task's output for this input is not finite (its delta overflows the forward "
+                              "pass); the task needs a retrained delta")
     if head.task_type == "token-classification":
         if not isinstance(source, str):
             raise UnsupportedInput("token-classification tasks take single texts, not pairs")

@@ -16,7 +16,7 @@ import torch
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
 from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, TaskNotFound, check_name, open_store
-from server.backbone import Backbone
+from server.backbone import Backbone, check_text
 from server.batching import Answer, Batcher, BatchRunner, Job, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
@@ -30,6 +30,17 @@ log = logging.getLogger("deltaserve")
 
 class TooManyInputs(ValueError):
     """More inputs in one request than `max_inputs`, or more windows than `max_windows` (413)."""
+
+
+def check_inputs(inputs: list[TextInput], max_chars: int) -> None:
+    """Before any tokenising (the tokenizer reads a text whole, however much truncation keeps):
+    `TooManyInputs` (413) for a text over `max_chars`, `InvalidText` (422) for a lone surrogate."""
+    for i, item in enumerate(inputs):
+        for j, text in enumerate((item,) if isinstance(item, str) else item):
+            where = f"inputs[{i}]" + ("" if isinstance(item, str) else f"[{j}]")
+            if len(text) > max_chars:
+                raise TooManyInputs(f"{where} has {len(text)} characters; the limit is {max_chars}")
+            check_text(text, where)
 
 
 class Replaced(RuntimeError):
@@ -97,6 +108,7 @@ class Server:
         info = self.task(name)
         if len(inputs) > self.settings.max_inputs:
             raise TooManyInputs(f"{len(inputs)} inputs in one request; the limit is {self.settings.max_inputs}")
+        check_inputs(inputs, self.settings.max_input_chars)
         if info.task_type == "token-classification":
             texts = [text for text in inputs if isinstance(text, str)]
             if len(texts) != len(inputs):

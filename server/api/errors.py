@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
 from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, StoreUnavailable, TaskNotFound
+from server.backbone import InvalidText
 from server.batching import Overloaded, ShuttingDown
 from server.postprocess import UnsupportedInput
 from server.service import Replaced, TooManyInputs
@@ -37,6 +38,7 @@ STATUS: dict[type[Exception], int] = {
     TooManyInputs: 413,
     BadStride: 422,
     Replaced: 409,
+    InvalidText: 422,
     StoreCorrupt: 500,  # the disk changed under the store: the operator's problem, said plainly
 }
 

@@ -1,6 +1,7 @@
-"""ASGI middleware: request metrics by route, and the body-size limit checked before anything parses a body.
+"""ASGI middleware: request metrics by route, the body-size limit checked before anything parses a body,
+the methods of a path (OPTIONS, HEAD, 405), and 500s answered without dropping the connection.
 
-Plain ASGI rather than `BaseHTTPMiddleware`: neither needs the request object, and plain ASGI
+Plain ASGI rather than `BaseHTTPMiddleware`: none needs the request object, and plain ASGI
 neither buffers streaming bodies nor adds a task per request.
 """
 
@@ -10,7 +11,10 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from server.api.errors import error_response
+from starlette.requests import Request
+from starlette.routing import get_route_path
+
+from server.api.errors import error_response, handle
 from server.service import Server
 
 Scope = MutableMapping[str, Any]
@@ -95,3 +99,86 @@ class BodyLimitMiddleware:
         response = error_response(413, f"the request body is over the limit of {self.limit} bytes",
                                   path=scope["path"])
         await response(scope, receive, send)
+
+
+class InternalErrorMiddleware:
+    """Answers an unexpected exception with the 500 of `errors.handle`, and does not re-raise it.
+
+    Starlette's own catch-all (ServerErrorMiddleware) sends the 500 and then re-raises, so that
+    the server can log it; uvicorn then closes the connection, and a keep-alive client's next
+    request on it fails. Installed innermost, this handles the error first: the connection stays
+    open and the error is logged once, here.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:  # half a response is out: only closing the connection can tell the client
+                raise
+            response = await handle(Request(scope), exc)
+            await response(scope, receive, send)
+
+
+class MethodsMiddleware:
+    """The methods of a path, answered as HTTP says: OPTIONS lists them, HEAD runs GET without the body,
+    and a method the path lacks is 405 with every method it has.
+
+    Starlette answers from the first route whose path matches, so `OPTIONS /tasks/x` said
+    `Allow: GET` although PUT and DELETE exist, and FastAPI's GET routes answered HEAD with 405.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        methods = self.methods_of(scope)
+        method = scope["method"]
+        if not methods or (method in methods and method != "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        allow = ", ".join(sorted(methods | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
+        if method == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow.encode())]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if method == "HEAD" and "GET" in methods:
+            scope["method"] = "GET"  # in place: the metrics middleware outside sees the route
+
+            async def without_body(message: MutableMapping[str, Any]) -> None:
+                if message["type"] == "http.response.body":
+                    message = {**message, "body": b""}
+                await send(message)
+
+            await self.app(scope, receive, without_body)
+            return
+        response = error_response(405, f"{method} is not allowed on {scope['path']}; allowed: {allow}",
+                                  {"Allow": allow})
+        await response(scope, receive, send)
+
+    @staticmethod
+    def methods_of(scope: Scope) -> set[str]:
+        """Every method of every route whose path matches (none: the router answers 404)."""
+        path = get_route_path(scope)
+        methods: set[str] = set()
+        for route in scope["app"].router.routes:
+            regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+            if regex is not None and route_methods and regex.match(path):
+                methods |= set(route_methods)
+        return methods

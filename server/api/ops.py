@@ -7,19 +7,19 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from server.api.deps import ServerDep
+from server.api.deps import ReaderDep, ServerDep
 from server.api.schemas import MemoryReport
 from server.metrics import Metrics
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/backbone")
+@router.get("/backbone", dependencies=[ReaderDep])
 async def backbone_info(server: ServerDep) -> dict[str, Any]:
     return server.backbone.describe()
 
 
-@router.get("/memory", response_model=MemoryReport)
+@router.get("/memory", response_model=MemoryReport, dependencies=[ReaderDep])
 async def memory(server: ServerDep) -> Response:
     return JSONResponse(server.memory())
 

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from adapters_store.storage import TaskInfo
+from server.backbone import InvalidText, check_text
 
 
 class PredictRequest(BaseModel):
@@ -25,6 +26,10 @@ class PredictRequest(BaseModel):
                 raise ValueError(f"{where} must be a text, a list of texts or a list of [text_a, text_b] pairs")
             if not item.strip():
                 raise ValueError(f"{where} is an empty text")
+            try:
+                check_text(item, where)
+            except InvalidText as err:
+                raise ValueError(str(err)) from None
 
         if isinstance(value, list):
             if not value:

@@ -12,25 +12,27 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_store.storage import DeltaTooLarge, TaskInfo, check_name
-from server.api.deps import AdminDep, ServerDep, TaskName
+from server.api.body import StrictJSONRoute
+from server.api.deps import AdminDep, ReaderDep, ServerDep, TaskName
 from server.api.schemas import ERRORS, UPLOAD_BODY, PredictRequest, PredictResponse, TaskList
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
-@router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"])
+@router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"],
+             dependencies=[ReaderDep])
 async def predict(body: PredictRequest, server: ServerDep, name: TaskName) -> Response:
     """Answer one text, a list of texts, or a list of pairs with the task's current version."""
     _, answer = await server.predict(name, body.as_list())
     return JSONResponse({"task": name, "version": answer.version, "predictions": answer.predictions})
 
 
-@router.get("/tasks", response_model=TaskList, tags=["tasks"])
+@router.get("/tasks", response_model=TaskList, tags=["tasks"], dependencies=[ReaderDep], responses=ERRORS)
 async def list_tasks(server: ServerDep) -> Response:
     return JSONResponse({"tasks": [info.to_dict() for info in server.store.list()]})
 
 
-@router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"])
+@router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"], dependencies=[ReaderDep])
 async def get_task(server: ServerDep, name: TaskName) -> Response:
     return JSONResponse(server.task(name).to_dict())
 
@@ -87,8 +89,13 @@ async def _multipart_file(headers: Headers, body: bytes) -> bytes:
         form = await MultiPartParser(headers, stream(), max_files=4, max_fields=16).parse()
     except MultiPartException as err:
         raise HTTPException(422, f"malformed multipart body: {err.message}") from None
-    upload = form.get("file")
+    files = form.getlist("file")
+    if len(files) > 1:
+        await form.close()
+        raise HTTPException(422, f"multipart upload has {len(files)} 'file' parts; send exactly one")
+    upload = files[0] if files else None
     if not isinstance(upload, UploadFile):
+        await form.close()
         raise HTTPException(422, "multipart upload needs a file field named 'file'")
     data = await upload.read()
     await form.close()
