@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.routing import get_route_path
+from starlette.routing import Match
 
 from server.api.errors import error_response, handle
 from server.service import Server
@@ -21,6 +21,8 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 class MetricsMiddleware:
@@ -148,9 +150,12 @@ class MethodsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        methods = self.methods_of(scope)
         method = scope["method"]
-        if not methods or (method in methods and method != "OPTIONS"):
+        if method != "OPTIONS" and self.serves(scope, method):  # the common case: one pass over the routes
+            await self.app(scope, receive, send)
+            return
+        methods = {m for m in PROBED_METHODS if self.serves(scope, m)}
+        if not methods:  # no route has this path: the router's 404
             await self.app(scope, receive, send)
             return
         allow = ", ".join(sorted(methods | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
@@ -173,12 +178,7 @@ class MethodsMiddleware:
         await response(scope, receive, send)
 
     @staticmethod
-    def methods_of(scope: Scope) -> set[str]:
-        """Every method of every route whose path matches (none: the router answers 404)."""
-        path = get_route_path(scope)
-        methods: set[str] = set()
-        for route in scope["app"].router.routes:
-            regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-            if regex is not None and route_methods and regex.match(path):
-                methods |= set(route_methods)
-        return methods
+    def serves(scope: Scope, method: str) -> bool:
+        """Whether a route answers `method` on this path (routers included in the app too)."""
+        probe = {**scope, "method": method}
+        return any(route.matches(probe)[0] is Match.FULL for route in scope["app"].router.routes)
