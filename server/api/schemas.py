@@ -3,16 +3,22 @@ from these, so their descriptions and examples are the API's documentation."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from adapters_store.storage import TaskInfo
 from server.backbone import InvalidText, check_text
 
+# A text with something besides whitespace. The schema documents the rule (so a fuzzer's "valid" texts
+# are valid); `PredictRequest._shape` enforces it with a message naming the input.
+Text = Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"})]
+Texts = Annotated[list[Text], Field(min_length=1)]
+Pairs = Annotated[list[tuple[Text, Text]], Field(min_length=1)]
+
 
 class PredictRequest(BaseModel):
-    inputs: str | list[str] | list[tuple[str, str]] = Field(
+    inputs: Text | Texts | Pairs = Field(
         description="one text, a list of texts, or a list of [text_a, text_b] pairs",
         examples=["a gripping, funny film", ["great", "awful"], [["A man sleeps.", "Someone rests."]]],
     )
