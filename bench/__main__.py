@@ -3,6 +3,7 @@
     python -m bench            # full: ≤ 10 min on a 2-core CPU with MiniLM
     python -m bench --quick    # ≤ 1 min: short texts, k ∈ {1, 16}, lora + mask + mix, dense/swap/PEFT
     python -m bench --no-write # print the section, leave BENCHMARKS.md and the plots alone
+    python -m bench --soak     # only the soak: 10,000 mixed requests at 64 clients, RSS over time (bench/soak.py)
 
 Sections: engine throughput against the dense ceiling, per-task model copies, naive swapping
 and PEFT's mixed batch; memory (computed and RSS-checked); cold load; HTTP end to end.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench import http, memory, report
+from bench import http, memory, report, soak
 from bench.engine import commit, machine
 from bench.suite import Workbench
 from bench.workload import METHODS, sentences
@@ -48,8 +49,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads here and in the server (default 1: on a busy 2-core machine two "
                              "threads wait on each other's stragglers; see BENCHMARKS.md)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: engine,memory,cold,http")
+    parser.add_argument("--soak", action="store_true", help="run only the soak (bench/soak.py)")
+    parser.add_argument("--soak-requests", type=int, default=10_000)
+    parser.add_argument("--soak-clients", type=int, default=64)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.soak:
+        run_soak(args)
+        return
     skip = set(filter(None, args.skip.split(",")))
     started = time.perf_counter()
     repeats = 1 if args.quick else 3
@@ -108,6 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if not args.no_write:
         print(f"appended to {report.write(run, plots)}")
+
+
+def run_soak(args: argparse.Namespace) -> None:
+    result = soak.run(args.soak_requests, args.soak_clients, args.threads)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = soak.section(result, now, commit(), machine())
+    print(text)
+    if not args.no_write:
+        path = report.ROOT / "BENCHMARKS.md"
+        path.write_text(path.read_text().rstrip() + "\n\n" + text)
+        print(f"appended to {path}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import schemathesis
 from conftest import make_tiny_backbone
 from delta_builders import build_delta
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import positive_data_acceptance
 from transformers import AutoTokenizer
 
 from adapters_store.storage import LocalDeltaStore
@@ -38,4 +39,7 @@ schema = schemathesis.pytest.from_fixture("app_schema")
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_api_keeps_its_schema(case):
-    case.call_and_validate()
+    # Every check but "schema-valid data is accepted": a delta's validity (and a predict text's
+    # length against --max-input-chars) is more than a schema says, so a schema-valid upload may
+    # rightly be 422. The status must still be one the schema documents.
+    case.call_and_validate(excluded_checks=[positive_data_acceptance])
