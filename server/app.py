@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     # Outermost last: the metrics middleware also counts what the body limit refuses, and the
     # internal-error one is innermost so that it answers a 500 before Starlette's closes the connection.
     app.add_middleware(InternalErrorMiddleware)
-    app.add_middleware(MethodsMiddleware)
+    app.add_middleware(MethodsMiddleware, router=app.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware)
     app.include_router(tasks.router)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.routing import Match
+from starlette.routing import Match, Router
 
 from server.api.errors import error_response, handle
 from server.service import Server
@@ -143,8 +143,10 @@ class MethodsMiddleware:
     `Allow: GET` although PUT and DELETE exist, and FastAPI's GET routes answered HEAD with 405.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, router: Router) -> None:
         self.app = app
+        # Given, not read from scope["app"]: under Ray Serve's ingress that is another application.
+        self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -177,8 +179,7 @@ class MethodsMiddleware:
                                   {"Allow": allow})
         await response(scope, receive, send)
 
-    @staticmethod
-    def serves(scope: Scope, method: str) -> bool:
+    def serves(self, scope: Scope, method: str) -> bool:
         """Whether a route answers `method` on this path (routers included in the app too)."""
         probe = {**scope, "method": method}
-        return any(route.matches(probe)[0] is Match.FULL for route in scope["app"].router.routes)
+        return any(route.matches(probe)[0] is Match.FULL for route in self.router.routes)
