@@ -5,10 +5,11 @@ S3 store (a local SeaweedFS, `bench/seaweedfs.py`), then read (`read_bytes`, sha
 prepared (`prepare_delta`) as a cache miss does; the median of `repeats` tries of each.
 
 Throughput: `tasks` deltas (methods in turn) in one S3 store; `clients` concurrent httpx clients
-send `requests` single-text predicts (tasks in turn), closed loop. Measured in one run, one after
-the other: the single-process server (`deltaserve serve`, uvicorn, 2 torch threads) as the
-baseline, then Ray Serve with 1 replica (2 threads) and with 2 replicas (1 thread each) behind
-Ray's HTTP proxy. All on this machine's cores: more replicas add processes, not cores.
+send `requests` single-text predicts (tasks in turn), closed loop. Ray Serve with 1 replica (2
+threads), then with 2 replicas (1 thread each), behind Ray's HTTP proxy, each measured in rounds
+alternating with the single-process server (`deltaserve serve`, uvicorn, 2 torch threads, up the
+whole time) as the baseline: a ratio from the same minutes. All on this machine's cores: more
+replicas add processes, not cores.
 
     python -m bench.cluster [--requests 200] [--clients 16] [--tasks 8] [--repeats 7]
 """
@@ -77,7 +78,8 @@ def upload(url: str, deltas: dict[str, bytes]) -> None:
 
 
 def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes], clients: int,
-               requests: int) -> list[dict[str, object]]:
+               requests: int, rounds: int = 3) -> list[dict[str, object]]:
+    """Each Ray Serve setup against the single process, measured in alternating rounds (same neighbours)."""
     import ray
     from ray import serve
 
@@ -87,16 +89,10 @@ def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes],
     names, texts = list(deltas), sentences(64, seed=3)
     results = []
     single = ServerProcess(s3_url, threads=2)  # type: ignore[arg-type]  (it passes str(store) to --store)
-    try:
-        upload(single.url, deltas)
-        results.append({"setup": "1 process (uvicorn), 2 threads", **measure(single.url, names, texts, clients,
-                                                                              requests)})
-        print(json.dumps(results[-1]), flush=True)
-    finally:
-        single.stop()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PYTHONPATH"))}})
     try:
+        upload(single.url, deltas)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
@@ -107,11 +103,21 @@ def throughput(backbone_name: str | None, s3_url: str, deltas: dict[str, bytes],
             started = time.perf_counter()
             serve.run(application(settings), name="deltaserve", route_prefix="/")
             ready_s = time.perf_counter() - started
-            results.append({"setup": f"Ray Serve, {replicas} replica{'s' * (replicas > 1)} × {threads} thread"
-                                     f"{'s' * (threads > 1)}", "deploy_s": ready_s,
-                            **measure(url, names, texts, clients, requests)})
-            print(json.dumps(results[-1]), flush=True)
+            ray_runs, single_runs = [], []
+            for r in range(rounds):  # alternating, order rotating: both sides see the same neighbours
+                order = [(single_runs, single.url), (ray_runs, url)]
+                for runs, target in order if r % 2 == 0 else order[::-1]:
+                    runs.append(measure(target, names, texts, clients, requests))
+            row = {"setup": f"Ray Serve, {replicas} replica{'s' * (replicas > 1)} × {threads} thread"
+                            f"{'s' * (threads > 1)}", "deploy_s": ready_s, "rounds": rounds,
+                   **{k: statistics.median(run[k] for run in ray_runs) for k in ("req_per_s", "p50_ms", "p99_ms")},
+                   "errors": sum(run["errors"] for run in ray_runs),
+                   "single_req_per_s": statistics.median(run["req_per_s"] for run in single_runs)}
+            row["ratio"] = row["req_per_s"] / row["single_req_per_s"]
+            results.append(row)
+            print(json.dumps(row), flush=True)
     finally:
+        single.stop()
         serve.shutdown()
         ray.shutdown()
     return results
@@ -140,13 +146,13 @@ def main() -> None:
             print(f"| {r['method']} | {r['delta_bytes']:,} | {r['folder_read_ms']:.1f} ms | {r['s3_read_ms']:.1f} ms "
                   f"| {r['folder_load_ms']:.1f} ms | {r['s3_load_ms']:.1f} ms |", flush=True)
         runs = throughput(None, f"s3://bench/serve-{uuid.uuid4().hex[:6]}", deltas, args.clients, args.requests)
-    base = runs[0]["req_per_s"]
-    print(f"\n{args.clients} clients, {args.requests} single-text predicts over {args.tasks} tasks")
-    print("| setup | req/s | vs 1 process | p50 | p99 | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n{args.clients} clients, {args.requests} single-text predicts over {args.tasks} tasks, medians of "
+          "rounds alternating with the single process (uvicorn, 2 threads)")
+    print("| setup | req/s | 1 process, same rounds | ratio | p50 | p99 | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r['setup']} | {r['req_per_s']:.1f} | {r['req_per_s'] / base:.2f}× | {r['p50_ms']:.0f} ms "
-              f"| {r['p99_ms']:.0f} ms | {r['errors']} |")
+        print(f"| {r['setup']} | {r['req_per_s']:.1f} | {r['single_req_per_s']:.1f} | {r['ratio']:.2f}× "
+              f"| {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {r['errors']} |")
     if args.json:
         args.json.write_text(json.dumps({"cold_load": cold, "throughput": runs}, indent=2))
 
