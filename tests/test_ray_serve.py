@@ -138,3 +138,18 @@ def test_several_replicas_need_a_shared_store(tmp_path):
 
     with pytest.raises(SystemExit, match="s3://bucket/prefix"):
         main(["serve", "--ray", "--replicas", "2", "--store", str(tmp_path / "folder")])
+
+
+def test_serve_config_file_is_valid_and_builds():
+    """deploy/serve_config.yaml parses as Ray Serve's config schema, and its builder makes the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.ray_app import app_builder
+
+    config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    (app,) = schema.applications
+    assert app.import_path == "server.ray_app:app_builder" and app.route_prefix == "/"
+    assert isinstance(app_builder(app.args), serve.Application)
