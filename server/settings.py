@@ -48,7 +48,7 @@ class Settings(BaseSettings):
                                                      "token-classification request may take (413 beyond)")
     max_input_chars: int = Field(100_000, ge=1, description="most characters in one text of a predict request "
                                  "(413 beyond, before any tokenising)")
-    max_batch_tokens: int = Field(2048, ge=1, description="most padded tokens (longest input × rows) in one "
+    max_batch_tokens: int = Field(1024, ge=1, description="most padded tokens (longest input × rows) in one "
                                                           "engine forward")
     max_batch_requests: int = Field(64, ge=1, description="most inputs (rows) in one engine forward")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
