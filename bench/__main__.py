@@ -6,7 +6,8 @@
     python -m bench --soak     # only the soak: 10,000 mixed requests at 64 clients, RSS over time (bench/soak.py)
 
 Sections: engine throughput against the dense ceiling, per-task model copies, naive swapping
-and PEFT's mixed batch; memory (computed and RSS-checked); cold load; HTTP end to end.
+and PEFT's mixed batch; memory (computed and RSS-checked); cold load; the served mixed workload
+against the dense backbone's length-bucketed throughput (bench/served.py); HTTP end to end.
 Nothing here asserts on speed; the baselines' logits are checked against the engine's.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import http, memory, report, soak
+from bench import http, memory, report, served, soak
 from bench.engine import commit, machine
 from bench.suite import Workbench
 from bench.workload import METHODS, sentences
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads here and in the server (default 1: on a busy 2-core machine two "
                              "threads wait on each other's stragglers; see BENCHMARKS.md)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: engine,memory,cold,http")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: engine,memory,cold,served,http")
     parser.add_argument("--soak", action="store_true", help="run only the soak (bench/soak.py)")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-clients", type=int, default=64)
@@ -89,6 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         run.cold = [wb.cold_load(m, 2 if args.quick else 9) for m in METHODS]
         for c in run.cold:
             print(f"cold load {c.method:5s} {c.total_ms:6.1f} ms", flush=True)
+
+    if "served" not in skip:
+        # Issue 11's workload: 64 clients, 16 tasks, 1-4 SST-2 dev sentences a request, against the dense
+        # backbone's length-bucketed throughput measured in the same rounds.
+        served_started = time.perf_counter()
+        served_results = served.run(requests=60 if args.quick else 400, rounds=1 if args.quick else 2,
+                                    threads=args.threads)
+        run.extra_sections.append(served.section(served_results, 64, 1 if args.quick else 2,
+                                                 time.perf_counter() - served_started, []))
 
     if "http" not in skip:
         deltas = [wb.delta_bytes(METHODS[i % len(METHODS)])[i // len(METHODS)] for i in range(16)]

@@ -36,6 +36,7 @@ class Run:
     agreement: dict[str, float] = field(default_factory=dict)
     peft_hidden: float | None = None
     notes: list[str] = field(default_factory=list)
+    extra_sections: list[str] = field(default_factory=list)  # already Markdown (e.g. bench.served's)
 
 
 def _met(ok: bool) -> str:
@@ -193,6 +194,8 @@ def section(run: Run, plots: dict[str, Path]) -> str:
         out += [f"| {h.clients} | {h.requests} | {h.errors} | {h.seq_per_s:.1f} | {h.p50_ms:.0f} | {h.p99_ms:.0f} | "
                 f"{h.offline_seq_per_s:.1f} | {h.ratio:.2f}× |" for h in run.http]
         out += [""]
+    for extra in run.extra_sections:
+        out += [extra, ""]
     return "\n".join(out)
 
 
