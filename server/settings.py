@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")
     max_request_bytes: int = Field(2 * MiB, ge=1, description="largest body of any other request (413 beyond)")
     cache_bytes: int = Field(512 * MiB, ge=0, description="device memory budget for prepared deltas")
+    malloc_threshold: int = Field(
+        2 * 1024 * 1024, ge=0, le=2**31 - 1,
+        description="glibc mmap and trim threshold in bytes, with 2 malloc arenas, set at start: keeps RSS "
+                    "flat under load (BENCHMARKS.md, soak); 0 leaves glibc's defaults")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 
     # Several replicas on Ray Serve (server/ray_app.py, docs/cluster.md).
