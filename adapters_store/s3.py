@@ -33,7 +33,6 @@ update); see docs/cluster.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -50,17 +49,17 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters_store.format import BackboneSpec, parse_delta
+from adapters_store.format import BackboneSpec
 from adapters_store.storage import (
     DEFAULT_MAX_DELTA_BYTES,
     MANIFEST,
     MANIFEST_FORMAT,
-    DeltaTooLarge,
     StoreCorrupt,
     StoreUnavailable,
     TaskInfo,
     TaskNotFound,
-    check_name,
+    check_sha256,
+    validate_upload,
 )
 
 log = logging.getLogger(__name__)
@@ -175,17 +174,12 @@ class S3DeltaStore:
             if current is None or current.version != info.version:
                 raise TaskNotFound(name, info.version) from None
             raise StoreCorrupt(f"the object of task {name!r} version {info.version} ({key}) is missing") from None
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise StoreCorrupt(f"the object of task {name!r} version {info.version} does not match its sha256")
-        return data
+        return check_sha256(data, info, "object")
 
     # ------------------------------------------------------------------ writing
 
     def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
-        check_name(name)
-        if len(data) > self.max_delta_bytes:
-            raise DeltaTooLarge(len(data), self.max_delta_bytes)
-        delta = parse_delta(data, self.spec)  # raises before anything is written
+        delta = validate_upload(name, data, self.spec, self.max_delta_bytes)  # raises before anything is written
         key = f"{self.prefix}deltas/{name}/{uuid.uuid4().hex}.safetensors"
         self._put_object(key, data, IfNoneMatch="*")  # a fresh key: never overwrites anything
         result: dict[str, Any] = {}

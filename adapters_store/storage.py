@@ -85,6 +85,21 @@ def check_name(name: str) -> str:
     return name
 
 
+def validate_upload(name: str, data: bytes, spec: BackboneSpec, max_delta_bytes: int) -> TaskDelta:
+    """Everything an upload must pass before any store writes a byte: name, size, the whole format."""
+    check_name(name)
+    if len(data) > max_delta_bytes:
+        raise DeltaTooLarge(len(data), max_delta_bytes)
+    return parse_delta(data, spec)
+
+
+def check_sha256(data: bytes, info: TaskInfo, what: str) -> bytes:
+    """`data` if it is the version `info` names (its sha256), else StoreCorrupt naming `what` was read."""
+    if hashlib.sha256(data).hexdigest() != info.sha256:
+        raise StoreCorrupt(f"the {what} of task {info.name!r} version {info.version} does not match its sha256")
+    return data
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """One task as the manifest keeps it and `GET /tasks` shows it."""
@@ -196,17 +211,12 @@ class LocalDeltaStore:
             if current is not None and current.version != info.version:
                 raise TaskNotFound(name, info.version) from None
             raise StoreCorrupt(f"the file of task {name!r} version {info.version} is missing") from None
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise StoreCorrupt(f"the file of task {name!r} version {info.version} does not match its sha256")
-        return data
+        return check_sha256(data, info, "file")
 
     # ------------------------------------------------------------------ writing
 
     def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
-        check_name(name)
-        if len(data) > self.max_delta_bytes:
-            raise DeltaTooLarge(len(data), self.max_delta_bytes)
-        delta = parse_delta(data, self.spec)  # raises before anything is written
+        delta = validate_upload(name, data, self.spec, self.max_delta_bytes)  # raises before anything is written
         with self._name_lock(name), self._exclusive():
             with self._lock:
                 self._tasks, self._last_versions = self._load_manifest()  # another process may have written

@@ -135,14 +135,9 @@ class CpuBackend(Backend):
         self.scratch = ScratchPool()
         self.install()
 
-    def make_linear(self, base: torch.nn.Linear, name: str) -> BackendLinear:
-        module = CpuLinear(base, name)
-        module.scratch = self.scratch
-        return module
-
     def install(self) -> None:
         super().install()
-        for module in self.linears.values():
+        for module in self.linears.values():  # also modules an earlier engine on this backbone installed
             module.scratch = self.scratch  # type: ignore[attr-defined]
 
     def plan(self, segments: Sequence[Segment], seq_len: int) -> dict[str, ModulePlan]:
