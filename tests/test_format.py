@@ -217,3 +217,14 @@ def test_bit_order_is_most_significant_first():
     mask[0, 0] = True  # bit 0 -> 0b1000_0000 of byte 0
     mask[1, 7] = True  # bit 15 -> 0b0000_0001 of byte 1
     assert pack_bits(mask).tolist() == [0b10000000, 0b00000001]
+
+
+def test_dense_weight_composes_the_registered_parts_in_formula_order(tiny_backbone):
+    """Each part's `dense_effect`, composed by `TaskDelta.dense_weight`, is W ⊙ K + B·A + S."""
+    delta = make_delta(tiny_backbone, ("keep", "low_rank", "sparse"), seed=3, zero_fraction=0.3)
+    module = sorted(set(delta.keep) & set(delta.low_rank) & set(delta.sparse))[0]
+    weight = torch.randn(tiny_backbone.linear_modules[module])
+    keep, low_rank, sparse = delta.keep[module], delta.low_rank[module], delta.sparse[module]
+    expected = weight * unpack_bits(keep.packed, keep.shape).float() + low_rank.B @ low_rank.A
+    expected.view(-1)[sparse.index] += sparse.value
+    torch.testing.assert_close(delta.dense_weight(module, weight), expected)
