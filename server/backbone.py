@@ -396,7 +396,7 @@ class Backbone:
         """Before layer l runs, its hidden-state input h becomes `add(l, h)` (None: unchanged).
 
         Families pass the hidden states positionally or as `hidden_states` / `x` (DistilBERT);
-        this is where that is handled once (PASTA in the trainer and the baselines).
+        this is where that is handled once (PASTA in the engine, the trainer and the baselines).
         """
         handles = []
         for index, layer in enumerate(layers):

@@ -72,8 +72,7 @@ class Engine:
         self.backend: Backend = create_backend(backend or backbone.backend, backbone)
         self._lock = threading.Lock()
         self._pasta: PastaBatch | None = None
-        for index, layer in enumerate(backbone.layers):
-            layer.register_forward_pre_hook(self._pasta_hook(index), with_kwargs=True)
+        backbone.add_layer_input_hooks(backbone.layers, self._add_pasta)
 
     @property
     def mixed(self) -> dict[str, nn.Module]:
@@ -166,16 +165,7 @@ class Engine:
         pooled = getattr(out, "pooler_output", None) if self.backbone.has_pooler else None
         return out.last_hidden_state, pooled
 
-    def _pasta_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            pasta = self._pasta
-            if pasta is None:
-                return None
-            if args:
-                return (pasta.add_before_layer(layer, args[0]), *args[1:]), kwargs
-            for key in ("hidden_states", "x"):
-                if key in kwargs:
-                    return args, {**kwargs, key: pasta.add_before_layer(layer, kwargs[key])}
-            raise RuntimeError(f"layer {layer}: cannot find the hidden states among the layer's inputs")
-
-        return hook
+    def _add_pasta(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The layers' pre-hook (installed through `Backbone.add_layer_input_hooks`): PASTA of this batch."""
+        pasta = self._pasta
+        return None if pasta is None else pasta.add_before_layer(layer, hidden)

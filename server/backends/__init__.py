@@ -58,14 +58,10 @@ class Backend:
 
     def install(self) -> None:
         """Replace the backbone's linear modules in place by this backend's (idempotent)."""
-        model = self.backbone.model
         for name in self.backbone.linear_modules:
-            base = model.get_submodule(name)
-            module = base if type(base) is self.linear_class else self.make_linear(base, name)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module)
-            self.linears[name] = module  # type: ignore[assignment]
+            self.linears[name] = self.backbone.replace_module(  # type: ignore[assignment]
+                self.backbone.model, name,
+                lambda base, name=name: base if type(base) is self.linear_class else self.make_linear(base, name))
 
     def make_linear(self, base: nn.Linear, name: str) -> BackendLinear:
         return self.linear_class(base, name)
