@@ -406,3 +406,31 @@ def test_served_delta_reproduces_the_reported_metric(tmp_path, tiny_folder, meth
     predicted = [prepared.meta.labels[int(x.argmax())] for x in logits]
     served = sum(p == y for p, (_, y) in zip(predicted, EVAL_SENTENCES, strict=True)) / len(EVAL_SENTENCES)
     assert served == rep["eval_accuracy"]
+
+
+def test_served_over_http_reproduces_the_reported_metrics(tmp_path, tiny_folder):
+    """`bench.served_accuracy`: a real server, the deltas PUT over HTTP, the eval files sent as predicts."""
+    from bench.served_accuracy import measure
+
+    data, evaluation = _write_sst(tmp_path), _write_eval(tmp_path)
+    conll = tmp_path / "ner.txt"
+    conll.write_text("\n\n".join("\n".join(f"{w} NN {t}" for w, t in zip(words, tags, strict=True))
+                                 for words, tags in NER * 3) + "\n")
+    conll_eval = tmp_path / "ner-eval.txt"  # "U.S." comes back from the server as several words
+    conll_eval.write_text("Anna NN B-PER\nvisited NN O\nthe NN O\nU.S. NN B-LOC\n\nRome NN B-LOC\nwas NN O\n")
+    runs = [("pasta", data, evaluation, "sequence-classification", ["--label-names", "negative,positive"]),
+            ("lora", conll, conll_eval, "token-classification", [])]
+    reports = []
+    for method, train_file, eval_file, task_type, extra in runs:
+        report = tmp_path / f"{method}.json"
+        assert main(["train", "--method", method, "--train", str(train_file), "--eval", str(eval_file),
+                     "--task-type", task_type, "--backbone", str(tiny_folder), "--epochs", "2", "--lr", "0.05",
+                     "--batch-size", "4", "--out", str(tmp_path / f"{method}.safetensors"), "--report", str(report),
+                     "--quiet", *extra]) == 0
+        reports.append(report)
+    rows = measure(reports, batch=3, server_args=["--backbone", str(tiny_folder)])
+    assert [row["task"] for row in rows] == ["pasta", "lora"]
+    for row in rows:
+        assert row["trained"].keys() == row["served"].keys() and row["served"]
+        for metric, value in row["served"].items():
+            assert value == pytest.approx(row["trained"][metric], abs=1e-12), (row["task"], metric)
