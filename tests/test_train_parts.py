@@ -155,3 +155,19 @@ def test_binary_metrics():
     assert mcc(gold, gold, 2) == pytest.approx(1.0)
     assert mcc(gold, [1 - g for g in gold], 2) == pytest.approx(-1.0)
     assert mcc(gold, pred, 2) == pytest.approx((2 * 1 - 1 * 1) / ((3 * 3 * 2 * 2) ** 0.5))
+
+
+def test_results_compare_each_method_with_finetuning_on_the_headline_metric():
+    from training.results import against_finetuning
+
+    def report(task, method, f1, accuracy, seconds):
+        return {"task": task, "method": method, "eval_f1": f1, "eval_accuracy": accuracy,
+                "train_seconds": seconds, "train_cpu_seconds": seconds, "settings": {"task_type": "x"}}
+
+    text = against_finetuning([report("mrpc", "finetune", 0.90, 0.80, 100), report("mrpc", "pasta", 0.885, 0.70, 150),
+                               report("mrpc", "lora", 0.885, 0.95, 250), report("sst2", "mask", 0.5, 0.5, 1)])
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    assert len(rows) == 2  # no fine-tuning run for sst2: nothing to compare with
+    pasta, lora = rows
+    assert pasta[1:7] == ["f1", "pasta", "88.50", "90.00", "-1.50", "✓ (≥ −2.0)"]  # MRPC is judged on F1
+    assert lora[5:8] == ["-1.50", "✗ (≥ −1.0)", "2.50 ✗"]

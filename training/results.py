@@ -11,6 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ORDER = ("finetune", "mask", "pasta", "dsee", "lora")
+# The metric each data set is judged on (issue 13's targets); others: accuracy, F1 for token tasks.
+HEADLINE = {"sst2": "accuracy", "mrpc": "f1", "conll": "f1"}
+# How far below fine-tuning a method may land on the headline metric, in points.
+TOLERANCE = {"pasta": 2.0}
+DEFAULT_TOLERANCE = 1.0
+MAX_WALL_RATIO = 2.0
 
 
 def _pct(value: float | None) -> str:
@@ -31,6 +37,33 @@ def table(reports: Sequence[dict]) -> str:
                  f"{rep['train_seconds']:.0f}", f"{rep['epochs']} ({rep['best_epoch']})", f"{rep.get('steps', '–')}",
                  f"{rep['train_examples']:,} / {rep.get('val_examples', 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline(rep: dict) -> str:
+    token = "token" in rep["settings"]["task_type"]
+    return HEADLINE.get(rep["task"].split("-")[0], "f1" if token else "accuracy")
+
+
+def against_finetuning(reports: Sequence[dict]) -> str:
+    """Each method's gap to `--method finetune` on the same task (headline metric, points) and its wall
+    and CPU time as a multiple of fine-tuning's, checked against the targets."""
+    tuned = {rep["task"]: rep for rep in reports if rep["method"] == "finetune"}
+    lines = ["| task | metric | method | score | fine-tuning | gap (points) | target | wall × fine-tuning "
+             "| CPU × fine-tuning |", "|---|---|---|---|---|---|---|---|---|"]
+    for rep in sorted(reports, key=lambda r: (r["task"], ORDER.index(r["method"]))):
+        base = tuned.get(rep["task"])
+        if rep["method"] == "finetune" or base is None:
+            continue
+        metric = headline(rep)
+        score, reference = 100 * rep[f"eval_{metric}"], 100 * base[f"eval_{metric}"]
+        tolerance = TOLERANCE.get(rep["method"], DEFAULT_TOLERANCE)
+        wall = rep["train_seconds"] / base["train_seconds"]
+        cpu = rep["train_cpu_seconds"] / base["train_cpu_seconds"]
+        ok = "✓" if score - reference >= -tolerance else "✗"
+        lines.append(f"| {rep['task']} | {metric} | {rep['method']} | {score:.2f} | {reference:.2f} | "
+                     f"{score - reference:+.2f} | {ok} (≥ −{tolerance:.1f}) | {wall:.2f} "
+                     f"{'✓' if wall <= MAX_WALL_RATIO else '✗'} | {cpu:.2f} |")
     return "\n".join(lines)
 
 
@@ -68,6 +101,8 @@ def main(paths: Sequence[str]) -> None:
         rep["task"] = Path(path).stem.rsplit("-", 1)[0]
         reports.append(rep)
     print(table(reports))
+    print()
+    print(against_finetuning(reports))
     print()
     for rep in sorted(reports, key=lambda r: (r["task"], ORDER.index(r["method"]))):
         print(f"- {rep['task']} {rep['method']}: `{command(rep)}`")
