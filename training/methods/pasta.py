@@ -24,7 +24,10 @@ class Pasta(Method):
     name = "pasta"
     # The paper trains 50-150 epochs at 5e-4..7e-3; with a CPU budget, a higher rate and more
     # epochs than the other methods (a larger cap and patience) get there in fewer steps.
-    recipe = Recipe(lr=1e-2, max_epochs=12, patience=2)
+    # Patience 3: on SST-2 (10,000 sentences) validation went 84.3, 86.3, 86.9, 86.5, 86.9 and
+    # patience 2 stopped it at 0.6x fine-tuning's time. (A trained task pooler did not help: 84.6,
+    # 85.5, 84.5 over the first three epochs.)
+    recipe = Recipe(lr=1e-2, max_epochs=12, patience=3)
 
     def __init__(self, config: PastaConfig) -> None:
         self.config = config
