@@ -72,7 +72,9 @@ def heads_to_drop(delta_q: torch.Tensor, delta_v: torch.Tensor, num_heads: int, 
 class Dsee(Method):
     name = "dsee"
     # 2e-3 as LoRA (5e-4 and 1e-3 trailed fine-tuning by 3-5 points on SST-2 in RESULTS.md).
-    recipe = Recipe(lr=2e-3, max_epochs=6, patience=1)
+    # Patience 2 in the dense phase, as LoRA: on SST-2 (10,000 sentences) patience 1 stopped it at
+    # epoch 4 on a 0.4-point dip (87.0, 88.4, 88.7, 88.3).
+    recipe = Recipe(lr=2e-3, max_epochs=6, patience=2)
 
     def __init__(self, config: DseeConfig) -> None:
         self.config = config
