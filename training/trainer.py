@@ -273,13 +273,13 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
           progress: bool = True) -> TrainResult:
     random.seed(settings.seed)
     run_started = time.perf_counter()
+    backbone = backbone or Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    elif (settings.device or "cpu").startswith("cpu"):
+    elif backbone.device.type == "cpu":
         # Until the probe has measured: one thread. A method's setup (DSEE's GreBsmo splits) at the
         # default thread count next to another job took minutes instead of seconds (oversubscription).
         torch.set_num_threads(1)
-    backbone = backbone or Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
     train_examples, val_examples, eval_examples, val_source = load_data(settings)
     labels = label_set(train_examples + val_examples + eval_examples)
     served_labels = served_label_names(labels, settings.label_names)
