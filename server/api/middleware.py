@@ -25,8 +25,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
-class MetricsMiddleware:
-    """Counts every HTTP request by route template, task and status, and times it."""
+class HttpMiddleware:
+    """Plain ASGI middleware that acts on HTTP requests only (lifespan and websocket pass through)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -35,6 +35,16 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class MetricsMiddleware(HttpMiddleware):
+    """Counts every HTTP request by route template, task and status, and times it."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
 
@@ -58,7 +68,7 @@ class MetricsMiddleware:
                 server.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     """413 for a request body over `limit`, before anything parses it; uploads (PUT) have their own limit.
 
     A long text is truncated only after tokenising all of it, so without this a single huge
@@ -66,11 +76,11 @@ class BodyLimitMiddleware:
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit = limit
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("PUT", "GET", "HEAD", "DELETE"):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in ("PUT", "GET", "HEAD", "DELETE"):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
@@ -103,7 +113,7 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class InternalErrorMiddleware:
+class InternalErrorMiddleware(HttpMiddleware):
     """Answers an unexpected exception with the 500 of `errors.handle`, and does not re-raise it.
 
     Starlette's own catch-all (ServerErrorMiddleware) sends the 500 and then re-raises, so that
@@ -112,13 +122,7 @@ class InternalErrorMiddleware:
     open and the error is logged once, here.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watch(message: MutableMapping[str, Any]) -> None:
@@ -135,7 +139,7 @@ class InternalErrorMiddleware:
             await response(scope, receive, send)
 
 
-class MethodsMiddleware:
+class MethodsMiddleware(HttpMiddleware):
     """The methods of a path, answered as HTTP says: OPTIONS lists them, HEAD runs GET without the body,
     and a method the path lacks is 405 with every method it has.
 
@@ -144,14 +148,11 @@ class MethodsMiddleware:
     """
 
     def __init__(self, app: ASGIApp, router: Router) -> None:
-        self.app = app
+        super().__init__(app)
         # Given, not read from scope["app"]: under Ray Serve's ingress that is another application.
         self.router = router
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         if method != "OPTIONS" and self.serves(scope, method):  # the common case: one pass over the routes
             await self.app(scope, receive, send)
