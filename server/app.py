@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import dashboard, hf, oip, ops, tasks
+from server.api.auth import Authenticated
 from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
 from server.api.middleware import (
@@ -30,6 +31,11 @@ from server.service import Server
 from server.settings import Settings
 
 log = logging.getLogger("deltaserve")
+
+PROTECTED_ROUTERS = (tasks.router, ops.router, oip.router, hf.router)
+# Open to anyone: the health and the live/ready probes (a load balancer has no key), the dashboard's files
+# (the page asks for the key and sends it with every request).
+OPEN_ROUTERS = (ops.probes, oip.probes, dashboard.router)
 
 
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
@@ -61,11 +67,12 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.add_middleware(MethodsMiddleware, router=app.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware)
-    app.include_router(tasks.router)
-    app.include_router(ops.router)
-    app.include_router(oip.router)
-    app.include_router(hf.router)
-    app.include_router(dashboard.router)
+    # Every router but the open ones needs a credential, given here once for all their routes, so that
+    # no route can forget it (tests/test_auth.py walks app.routes to keep it so).
+    for router in PROTECTED_ROUTERS:
+        app.include_router(router, dependencies=[Authenticated])
+    for router in OPEN_ROUTERS:
+        app.include_router(router)
     install_error_handlers(app)
     add_examples(app)
     return app

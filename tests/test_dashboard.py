@@ -38,8 +38,8 @@ def live(tokenizer, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """A real uvicorn server in a thread, with a sentiment task and an NER task installed."""
     backbone = make_tiny_backbone(tokenizer)
     folder = tmp_path_factory.mktemp("dashboard")
-    app = create_app(settings(folder / "store"), backbone=backbone)
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    app = create_app(settings(folder / "store", api_key="reader"), backbone=backbone)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=30, headers=ADMIN) as client:
         for name, data in {"sentiment": build_delta(backbone, parts=("lora", "keep")),
                            "ner": build_delta(backbone, task_type="token-classification", labels=NER_LABELS,
                                               method="mask", parts=("keep",), seed=3)}.items():
@@ -81,6 +81,14 @@ def wait_for(driver: Any, css: str, timeout: float = 20) -> Any:
     return WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.CSS_SELECTOR, css))
 
 
+def use_key(driver: Any, key: str) -> None:
+    """Type `key` in the header's key field and use it; the page reloads its data with it."""
+    field = driver.find_element(By.ID, "key")
+    field.clear()
+    field.send_keys(key)
+    driver.find_element(By.ID, "key-submit").click()
+
+
 def check_memory(driver: Any, memory: dict[str, Any]) -> None:
     for key in MEMORY_KEYS:
         dd = driver.find_element(By.ID, f"mem-{key}")
@@ -100,7 +108,13 @@ def check_memory(driver: Any, memory: dict[str, Any]) -> None:
 def test_dashboard_in_chromium(live, browser):
     client: httpx.Client = live["client"]
     browser.get(live["url"] + "/")
+    # The server asks for a key: the page says so, then shows everything once the key is typed in.
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "key-status").text.startswith("401"))
+    assert browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr") == []
+    use_key(browser, "reader")
     wait_for(browser, "body[data-loaded=true]")
+    assert browser.find_element(By.ID, "key-status").text == ""
+    assert all(" 401 " in message for message in severe(browser))  # Chromium logs the refused requests
 
     # The tasks table is /tasks.
     tasks = client.get("/tasks").json()["tasks"]
@@ -142,10 +156,11 @@ def test_dashboard_in_chromium(live, browser):
     assert shown[0] == [[e["label"], text[e["start"]:e["end"]]] for e in entities]
     assert shown[1] == text  # the whole text, nothing lost around the marks
 
-    # Upload through the form: the new task appears in the table, and the memory card follows.
+    # Upload through the form, with the key typed in the header: the new task appears in the table, and the
+    # memory card follows.
+    use_key(browser, "s3cret")
     browser.find_element(By.ID, "upload-name").send_keys("uploaded")
     browser.find_element(By.ID, "upload-file").send_keys(str(live["upload"]))
-    browser.find_element(By.ID, "upload-token").send_keys("s3cret")
     browser.find_element(By.ID, "upload-submit").click()
     wait_for(browser, "#tasks tbody tr[data-task=uploaded]")
     assert "uploaded: version 1 stored" in browser.find_element(By.ID, "upload-result").text
@@ -176,9 +191,7 @@ def test_dashboard_in_chromium(live, browser):
     browser.find_element(By.ID, "upload-name").clear()
     browser.find_element(By.ID, "upload-name").send_keys("refused")
     browser.find_element(By.ID, "upload-file").send_keys(str(live["upload"]))
-    token = browser.find_element(By.ID, "upload-token")
-    token.clear()
-    token.send_keys("wrong")
+    use_key(browser, "wrong")
     browser.find_element(By.ID, "upload-submit").click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "upload-result").text.startswith("401"))
     assert "Bearer" in browser.find_element(By.ID, "upload-result").text

@@ -33,6 +33,8 @@ from server.backbone import TextInput
 from server.service import Server
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+# The live and ready probes are open: an orchestrator probing them has no key.
+probes = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
 TEXT, TEXT_PAIR = "text", "text_pair"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -132,12 +134,12 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "deltaserve", "version": "1", "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", summary="Server live")
+@probes.get("/health/live", summary="Server live")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready")
+@probes.get("/health/ready", summary="Server ready")
 async def ready(_server: ServerDep) -> dict[str, bool]:
     # Routes answer only once the lifespan has built the server (the dependency needs it): reaching here is ready.
     return {"ready": True}

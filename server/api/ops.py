@@ -1,4 +1,5 @@
-"""Routes of the operations family: the backbone, the memory report, health and Prometheus metrics."""
+"""Routes of the operations family: the backbone, the memory report, Prometheus metrics; and `/health`,
+in its own `probes` router because it is open to everyone (a load balancer has no key)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,25 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from server.api.deps import ReaderDep, ServerDep
+from server.api.deps import ServerDep
 from server.api.schemas import MemoryReport
 from server.metrics import Metrics
 
 router = APIRouter(tags=["operations"])
+probes = APIRouter(tags=["operations"])
 
 
-@router.get("/backbone", dependencies=[ReaderDep])
+@router.get("/backbone")
 async def backbone_info(server: ServerDep) -> dict[str, Any]:
     return server.backbone.describe()
 
 
-@router.get("/memory", response_model=MemoryReport, dependencies=[ReaderDep])
+@router.get("/memory", response_model=MemoryReport)
 async def memory(server: ServerDep) -> Response:
     return JSONResponse(server.memory())
 
 
-@router.get("/health")
+@probes.get("/health")
 async def health(server: ServerDep) -> dict[str, Any]:
     return {"status": "ok", "backbone": server.backbone.name, "tasks": len(server.store.list()),
             "queue_depth": server.batcher.depth}

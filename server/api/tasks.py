@@ -12,33 +12,33 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_store.storage import DeltaTooLarge, TaskInfo, check_name
+from server.api.auth import WriterDep
 from server.api.body import StrictJSONRoute
-from server.api.deps import AdminDep, ReaderDep, ServerDep, TaskName
+from server.api.deps import ServerDep, TaskName
 from server.api.schemas import ERRORS, UPLOAD_BODY, PredictRequest, PredictResponse, TaskList
 
 router = APIRouter(route_class=StrictJSONRoute)
 
 
-@router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"],
-             dependencies=[ReaderDep])
+@router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"])
 async def predict(body: PredictRequest, server: ServerDep, name: TaskName) -> Response:
     """Answer one text, a list of texts, or a list of pairs with the task's current version."""
     _, answer = await server.predict(name, body.as_list())
     return JSONResponse({"task": name, "version": answer.version, "predictions": answer.predictions})
 
 
-@router.get("/tasks", response_model=TaskList, tags=["tasks"], dependencies=[ReaderDep], responses=ERRORS)
+@router.get("/tasks", response_model=TaskList, tags=["tasks"], responses=ERRORS)
 async def list_tasks(server: ServerDep) -> Response:
     return JSONResponse({"tasks": [info.to_dict() for info in server.store.list()]})
 
 
-@router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"], dependencies=[ReaderDep])
+@router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"])
 async def get_task(server: ServerDep, name: TaskName) -> Response:
     return JSONResponse(server.task(name).to_dict())
 
 
 @router.put("/tasks/{name}", response_model=TaskInfo, status_code=201, responses=ERRORS, tags=["tasks"],
-            dependencies=[AdminDep], openapi_extra=UPLOAD_BODY)
+            dependencies=[WriterDep], openapi_extra=UPLOAD_BODY)
 async def put_task(request: Request, server: ServerDep, name: TaskName) -> Response:
     """Upload a delta (raw body or multipart field `file`): 201 created, 200 replaced."""
     check_name(name)
@@ -49,7 +49,7 @@ async def put_task(request: Request, server: ServerDep, name: TaskName) -> Respo
     return JSONResponse(info.to_dict(), status_code=201 if created else 200)
 
 
-@router.delete("/tasks/{name}", status_code=204, responses=ERRORS, tags=["tasks"], dependencies=[AdminDep])
+@router.delete("/tasks/{name}", status_code=204, responses=ERRORS, tags=["tasks"], dependencies=[WriterDep])
 async def delete_task(server: ServerDep, name: TaskName) -> Response:
     check_name(name)
     await run_in_threadpool(server.store.delete, name)

@@ -1,5 +1,5 @@
 // The deltaserve dashboard. Plain browser JavaScript, no build step and no dependency: it calls the
-// same public routes as any client (/tasks, /memory, /backbone, /health, /metrics, PUT /tasks/{name},
+// same routes as any client (/tasks, /memory, /backbone, /health, /metrics, PUT /tasks/{name},
 // POST /tasks/{name}/predict) with relative URLs, so it also works behind a proxy under a sub-path.
 // Every text from the server goes in through textContent (never innerHTML): task names, labels and
 // descriptions are user input.
@@ -38,8 +38,15 @@ function humanBytes(n) {
 // Exact bytes first (what /memory says), then the readable size.
 const bytesText = (n) => `${grouped(n)} B · ${humanBytes(n)}`;
 
+// The key (API key, tenant key or admin token) is kept for this browser session only (sessionStorage:
+// gone when the tab closes) and sent with every request; the server decides what it may see and do.
+const KEY_ITEM = "deltaserve-key";
+const storedKey = () => sessionStorage.getItem(KEY_ITEM) || "";
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { cache: "no-store", ...options });
+  const key = storedKey();
+  const headers = { ...(key ? { Authorization: `Bearer ${key}` } : {}), ...(options.headers || {}) };
+  const response = await fetch(path, { cache: "no-store", ...options, headers });
   const type = response.headers.get("content-type") || "";
   const body = type.includes("json") ? await response.json() : await response.text();
   if (!response.ok) {
@@ -314,14 +321,12 @@ function wireUpload() {
     event.preventDefault();
     const name = document.getElementById("upload-name").value.trim();
     const file = document.getElementById("upload-file").files[0];
-    const token = document.getElementById("upload-token").value.trim();
     const data = new FormData();
     data.append("file", file);
-    const headers = token ? { Authorization: `Bearer ${token}` } : {};
     out.className = "";
     out.textContent = `uploading ${file.name} (${grouped(file.size)} B) …`;
     try {
-      const info = await api(`tasks/${encodeURIComponent(name)}`, { method: "PUT", body: data, headers });
+      const info = await api(`tasks/${encodeURIComponent(name)}`, { method: "PUT", body: data });
       out.className = "ok";
       out.textContent = `${info.name}: version ${info.version} stored (${info.method}, ${info.task_type}, ${grouped(info.delta_bytes)} B)`;
       await Promise.all([refreshTasks(), refreshMemory()]);
@@ -332,6 +337,34 @@ function wireUpload() {
   });
 }
 
+function wireKey() {
+  const form = document.getElementById("key-form");
+  const input = document.getElementById("key");
+  input.value = storedKey();
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = input.value.trim();
+    if (key) sessionStorage.setItem(KEY_ITEM, key);
+    else sessionStorage.removeItem(KEY_ITEM);
+    document.body.removeAttribute("data-loaded");
+    loadAll();
+  });
+}
+
+// Everything the page shows; a refusal (401 without the key the server asks for) shows in the key's status.
+function loadAll() {
+  const status = document.getElementById("key-status");
+  quietly(loadBackbone)();
+  return Promise.all([refreshTasks(), refreshMemory(), refreshHeader()])
+    .then(() => {
+      status.textContent = "";
+      document.body.setAttribute("data-loaded", "true");
+    })
+    .catch((err) => {
+      status.textContent = err.message;
+    });
+}
+
 // ------------------------------------------------------------------ start
 
 // A failed poll shows in the page (the health pill) rather than as an unhandled rejection.
@@ -339,12 +372,8 @@ const quietly = (job) => () => job().catch(() => {});
 
 document.addEventListener("DOMContentLoaded", () => {
   wireUpload();
-  quietly(loadBackbone)();
-  Promise.all([refreshTasks(), refreshMemory(), refreshHeader()])
-    .then(() => document.body.setAttribute("data-loaded", "true"))
-    .catch((err) => {
-      document.getElementById("health").textContent = err.message;
-    });
+  wireKey();
+  loadAll();
   refreshLive().catch(() => {});
   setInterval(quietly(refreshLive), 2000);
   setInterval(quietly(() => Promise.all([refreshTasks(), refreshMemory(), refreshHeader()])), 10000);
