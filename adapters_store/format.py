@@ -36,6 +36,10 @@ TASK_TYPES = ("sequence-classification", "token-classification")
 PROBLEM_TYPES = ("single_label", "regression")
 WORD_PIECES = ("first", "last")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The safetensors dtypes a delta's tensors may have: float (above), uint8 (masks) and int64 (indices).
+# Checked in the header before any tensor is built: the reader knows no torch type for some dtypes
+# the file format names (F8_E8M0, F4, F6_*), and loading those was a KeyError (a 500).
+FILE_DTYPES = ("F32", "F16", "BF16", "U8", "I64")
 # Largest magnitude of any float value: what float16 (a GPU serving dtype) holds. No trained delta
 # comes near it, and a value past it overflows the forward pass (a 3e38 head made every answer inf).
 MAX_ABS_VALUE = 65504.0
@@ -49,7 +53,38 @@ class InvalidDelta(ValueError):
     def __init__(self, key: str, problem: str) -> None:
         self.key = key
         self.problem = problem
-        super().__init__(f"{key}: {problem}")
+        super().__init__(f"{shown_key(key)}: {problem}")
+
+
+def shown_key(key: str, limit: int = 200) -> str:
+    """A key as a message can carry it: lone surrogates escaped (a JSON answer must encode it as UTF-8)
+    and a key of thousands of characters cut to its start and its length."""
+    if not is_utf8_text(key):
+        key = key.encode("utf-8", "backslashreplace").decode("utf-8")
+    return key if len(key) <= limit else f"{key[:limit]}... ({len(key)} characters)"
+
+
+def is_utf8_text(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: no lone surrogate (JSON's `\\ud800` escape decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(key: str, text: str) -> str:
+    """`text` if it can be written as UTF-8, else InvalidDelta naming `key`.
+
+    Every string of a delta is shown again later (labels in each prediction, the description in
+    the task list), as UTF-8 JSON; a lone surrogate cannot be, and once stored it made every
+    listing a 500.
+    """
+    if not is_utf8_text(text):
+        at = next(i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF)
+        raise InvalidDelta(key, f"holds a lone UTF-16 surrogate (U+{ord(text[at]):04X} at character {at}), "
+                                f"which is not text; strings must be valid Unicode")
+    return text
 
 
 class BackboneMismatch(InvalidDelta):
@@ -130,6 +165,8 @@ class DeltaMeta:
             raise InvalidDelta("labels", "is JSON nested too deeply") from None
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise InvalidDelta("labels", "must be a non-empty JSON array of strings")
+        for i, label in enumerate(labels):
+            check_text(f"labels[{i}]", label)
         if len(set(labels)) != len(labels):
             raise InvalidDelta("labels", "label names must be distinct")
         problem_type = md.get("problem_type", "single_label")
@@ -305,8 +342,19 @@ class LowRank(ModulePart):
         if A.dim() != 2 or A.shape[0] < 1:
             raise InvalidDelta(f"{module}.lora_A", f"shape must be [r, {in_features}] with r >= 1, got {list(A.shape)}")
         rank = A.shape[0]
+        if rank > min(out_features, in_features):
+            # B·A has rank min(out, in) at most: a larger r only costs bytes and compute (a rank-20,000
+            # LoRA was 58 MiB of nothing).
+            raise InvalidDelta(f"{module}.lora_A", f"rank {rank} is over min(out, in) = "
+                                                   f"{min(out_features, in_features)} of the module")
         _check_float(f"{module}.lora_A", A, (rank, in_features))
         _check_float(f"{module}.lora_B", B, (out_features, rank))
+        # Each value within the bound is not enough: the engine adds B·A to the weight, and rank-many
+        # products at the bound overflow it, so every predict would fail. The product itself is bounded.
+        product = float((B.float() @ A.float()).abs().max())
+        if not product <= MAX_ABS_VALUE:
+            raise InvalidDelta(f"{module}.lora_B", f"B·A has a value of magnitude {product:.3g}; the weight "
+                                                   f"update must lie within ±{MAX_ABS_VALUE:g} as every value does")
         return cls(module, A, B)
 
     @property
@@ -565,10 +613,16 @@ class TaskDelta:
 
 _HEAD_KEYS = ("head.classifier.weight", "head.classifier.bias", "head.pooler.weight", "head.pooler.bias")
 _LAYER_KEY = re.compile(r"^layers\.(0|[1-9][0-9]*)\.head_keep$")
+_MAX_LAYER_DIGITS = 6  # more digits than any backbone's layer count (int() of 5,000 digits raised a 500)
 
 
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, without loading its tensors."""
+def read_header(data: bytes) -> dict[str, object]:
+    """The JSON header of a safetensors file, checked before any tensor is built.
+
+    Every string in it (tensor keys, metadata keys and values) must be valid Unicode, every
+    metadata value a string, and every tensor's dtype one of `FILE_DTYPES`; each refusal names
+    the key.
+    """
     if len(data) < 8:
         raise InvalidDelta("file", "not a safetensors file (shorter than its 8-byte header length)")
     header_len = int.from_bytes(data[:8], "little")
@@ -580,12 +634,38 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise InvalidDelta("file", "not a safetensors file (header is not JSON)") from None
     except RecursionError:  # Python's parser recurses per level: a deep header would be a 500
         raise InvalidDelta("file", "not a safetensors file (header JSON nested too deeply)") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidDelta("__metadata__", "every metadata value must be a string")
-    return metadata
+    if not isinstance(header, dict):
+        raise InvalidDelta("file", "not a safetensors file (header is not a JSON object)")
+    metadata = header.get("__metadata__")
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InvalidDelta("__metadata__", "every metadata value must be a string")
+        for key, value in metadata.items():
+            check_text(key, key)
+            check_text(key, value)
+    for key, entry in header.items():
+        check_text(key, key)
+        if key == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(dtype, str) and dtype not in FILE_DTYPES:
+            raise InvalidDelta(key, f"dtype {shown_key(dtype, 40)} is not one a delta uses: "
+                                    f"{', '.join(FILE_DTYPES)} (float32, float16, bfloat16, uint8, int64)")
+    return header
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, without loading its tensors."""
+    return dict(read_header(data).get("__metadata__") or {})  # type: ignore[call-overload]
+
+
+def max_tensor_count(spec: BackboneSpec) -> int:
+    """How many tensors a valid delta for this backbone can have at most: every key the format allows.
+
+    More means an unknown key; counted from the header, before 150,000 tiny tensors cost seconds
+    and hundreds of MB to build only to be refused.
+    """
+    return len(spec.linear_modules) * len(_PART_OF_SUFFIX) + spec.num_layers + 1 + len(_HEAD_KEYS)
 
 
 def parse_delta(data: bytes, spec: BackboneSpec) -> TaskDelta:
@@ -594,11 +674,15 @@ def parse_delta(data: bytes, spec: BackboneSpec) -> TaskDelta:
     Raises `BackboneMismatch` for another backbone's delta and `InvalidDelta` for any other
     broken rule; the message always names the offending key.
     """
-    metadata = read_metadata(data)
-    meta = DeltaMeta.parse(metadata, spec)
+    header = read_header(data)
+    meta = DeltaMeta.parse(header.get("__metadata__"), spec)  # type: ignore[arg-type]
+    count = sum(key != "__metadata__" for key in header)
+    if count > max_tensor_count(spec):
+        raise InvalidDelta("file", f"has {count} tensors; a delta for this backbone has at most "
+                                   f"{max_tensor_count(spec)} (one per key task-delta.md allows)")
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as err:
         raise InvalidDelta("file", f"not a readable safetensors file ({err})") from None
 
     by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -612,6 +696,8 @@ def parse_delta(data: bytes, spec: BackboneSpec) -> TaskDelta:
             continue
         match = _LAYER_KEY.match(key)
         if match:
+            if len(match.group(1)) > _MAX_LAYER_DIGITS:
+                raise InvalidDelta(key, f"layer out of range: the backbone has {spec.num_layers} layers")
             layer = int(match.group(1))
             head_keep[layer] = HeadKeep.parse(layer, tensor, spec)
             continue

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from adapters_store.format import BackboneSpec, TaskDelta, parse_delta
+from adapters_store.format import BackboneSpec, InvalidDelta, TaskDelta, parse_delta
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,20 @@ class TaskInfo:
             backbone_fingerprint=meta.backbone_fingerprint,
             head_bytes=delta.head.nbytes,
             bytes_by_part=delta.bytes_by_part(),
-        )
+        ).answerable()
+
+    def answerable(self) -> TaskInfo:
+        """This info, once it is known to encode as the UTF-8 JSON every listing answers with.
+
+        Checked before the store commits anything: an entry that cannot be answered would turn
+        each later listing into a 500 until it is deleted. (`parse_delta` already refuses what
+        could cause it; this keeps the store's promise whatever a future field holds.)
+        """
+        try:
+            json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError) as err:
+            raise InvalidDelta("__metadata__", f"cannot be answered as UTF-8 JSON ({type(err).__name__})") from None
+        return self
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -49,6 +49,9 @@ def speaks_error_key(path: str) -> bool:
 
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    # A sentence quoting the client's input may hold a lone surrogate, which UTF-8 cannot carry:
+    # escaped, or answering the error would itself fail.
+    detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
     if speaks_error_key(path):
         return JSONResponse({"error": detail}, status_code=400 if status == 422 else status, headers=headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
