@@ -144,7 +144,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return "cpu"
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
-            raise ValueError("the triton backend needs the triton package (pip install triton)")
+            raise ValueError("the triton backend needs the triton package: pip install 'deltaserve[gpu]'")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to test on CPU)")
         return "triton"

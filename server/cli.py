@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from adapters_store.format import InvalidDelta, module_part_of_suffix, parse_delta, read_metadata
+from server.extras import MissingExtra, check_settings
 from server.settings import Settings
 from training.cli import add_parsers
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description="Multi-task inference on one frozen encoder.")
+    parser.add_argument("--version", action="version", version=f"deltaserve {package_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP server",
@@ -69,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(commands)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "unknown" when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltaserve")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 # --------------------------------------------------------------------------- serve
@@ -110,6 +122,11 @@ def run_serve(args: argparse.Namespace) -> int:
             where = ".".join(str(x) for x in problem["loc"])
             message = str(problem["msg"]).removeprefix("Value error, ")
             print(f"deltaserve serve: {where + ': ' if where else ''}{message}", file=sys.stderr)
+        return 2
+    try:
+        check_settings(settings)
+    except MissingExtra as err:
+        print(f"deltaserve serve: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warning = exposure_warning(settings)

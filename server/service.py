@@ -20,6 +20,7 @@ from server.backbone import Backbone, check_text
 from server.batching import Answer, Batcher, BatchRunner, Job, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
+from server.extras import check_settings
 from server.metrics import Metrics
 from server.postprocess import UnsupportedInput
 from server.settings import Settings
@@ -61,6 +62,7 @@ class Server:
 
     @classmethod
     def build(cls, settings: Settings, backbone: Backbone | None = None) -> Server:
+        check_settings(settings)  # a missing optional package named with its extra, before anything loads
         if settings.threads:
             torch.set_num_threads(settings.threads)
         if backbone is None:
@@ -158,9 +160,11 @@ def open_settings_store(settings: Settings, backbone: Backbone) -> DeltaStore:
 
 
 def demo_dir(settings: Settings) -> Path | None:
-    """The demo deltas: `--demo-dir`, else the repository's demo/ (found from an editable install)."""
-    folder = settings.demo_dir or Path(__file__).resolve().parents[1] / "demo"
-    return folder if any(folder.glob("*.safetensors")) else None
+    """The demo deltas: `--demo-dir`, else the wheel's copy (server/demo/, package data put there by
+    setup.py), else the checkout's demo/ (a source checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    candidates = [settings.demo_dir] if settings.demo_dir else [here / "demo", here.parent / "demo"]
+    return next((folder for folder in candidates if any(folder.glob("*.safetensors"))), None)
 
 
 def seed_demo(store: DeltaStore, settings: Settings) -> list[str]:
