@@ -31,7 +31,7 @@ from adapters_store.formula import effective_weight
 from adapters_store.packing import packed_length, pad_bits_are_zero, unpack_bits
 
 FORMAT = "task-delta/1"
-METHODS = ("mask", "pasta", "dsee", "lora", "full-head")
+METHODS = ("mask", "pasta", "dsee", "lora", "full-head", "imported")
 TASK_TYPES = ("sequence-classification", "token-classification")
 PROBLEM_TYPES = ("single_label", "regression")
 WORD_PIECES = ("first", "last")

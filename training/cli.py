@@ -1,6 +1,6 @@
-"""Command line: `deltaserve train` and `deltaserve import-peft`.
+"""Command line: `deltaserve train`, `import-peft`, `import-finetuned` and `export`.
 
-`add_parsers(subparsers)` registers both on the server's CLI; `main()` runs them alone
+`add_parsers(subparsers)` registers them on the server's CLI; `main()` runs them alone
 (`python -m training ...`).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -70,6 +71,44 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--max-length", type=int)
     imp.set_defaults(func=run_import_peft)
 
+    fin = subparsers.add_parser(
+        "import-finetuned", help="compress a fine-tuned transformers classifier into a task delta",
+        description="Per linear module, carry ΔW = W_ft − W by the cheapest part that fits (exact low rank, keep "
+        "mask, low rank + sparse under --budget-bytes), bring the head and labels, report what the format cannot "
+        "carry, and check the delta as served against the original on calibration texts: below the gate nothing "
+        "is written unless --force.")
+    fin.add_argument("checkpoint", help="a transformers save_pretrained folder (…ForSequenceClassification or "
+                     "…ForTokenClassification) fine-tuned from the backbone")
+    fin.add_argument("--out", required=True, help="the delta file to write (.safetensors)")
+    fin.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
+    fin.add_argument("--calibration", help="plain text file, one text per line (a tab separates a pair); default: "
+                     "a small built-in set")
+    fin.add_argument("--budget-bytes", type=int,
+                     help="bytes for the whole delta (default: 1/16 of the checkpoint's weights)")
+    fin.add_argument("--min-agreement", type=float, default=0.95, help="gate: least label agreement")
+    fin.add_argument("--max-mean-prob-diff", type=float, default=0.05,
+                     help="gate: largest mean (over texts) of the largest class-probability difference")
+    fin.add_argument("--max-length", type=int, help="max_length metadata of the delta")
+    fin.add_argument("--description", default="")
+    fin.add_argument("--report", help="write the full JSON report here")
+    fin.add_argument("--force", action="store_true", help="write the delta even below the gate")
+    fin.add_argument("--push", metavar="URL", help="upload the delta to a running server")
+    fin.add_argument("--name", help="task name for --push")
+    fin.add_argument("--token", help="bearer token for --push")
+    fin.set_defaults(func=run_import_finetuned)
+
+    exp = subparsers.add_parser(
+        "export", help="write a delta out as a standard transformers model folder",
+        description="Fold a delta into the backbone (W ⊙ K + B·A + S, pruned heads, task head, id2label, tokenizer) "
+        "and save a folder that transformers.pipeline loads. PASTA and mean pooling are refused with the reason.")
+    exp.add_argument("delta", help="a delta file, or a task name in --store")
+    exp.add_argument("out_dir")
+    exp.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
+    exp.add_argument("--store", default=os.environ.get("DELTASERVE_STORE", "./store"),
+                     help="the server's store, where a task name is looked up (env DELTASERVE_STORE)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    exp.set_defaults(func=run_export)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from training.trainer import TrainSettings, train
@@ -125,6 +164,72 @@ def run_import_peft(args: argparse.Namespace) -> int:
     parse_delta(data, backbone.spec())
     write_atomic(args.out, data)
     print(f"wrote {args.out}: {len(delta.low_rank)} LoRA modules, {len(data)} bytes")
+    return 0
+
+
+def run_import_finetuned(args: argparse.Namespace) -> int:
+    from server.backbone import Backbone
+    from training.finetuned_import import ImportFinetunedError, import_finetuned, read_calibration
+    from training.trainer import write_atomic
+
+    if args.push and not args.name:
+        print("error: --push needs --name", file=sys.stderr)
+        return 2
+    try:
+        texts = read_calibration(args.calibration)
+        backbone = Backbone.load(args.backbone, device="cpu")
+        result = import_finetuned(args.checkpoint, backbone, calibration=texts, budget_bytes=args.budget_bytes,
+                                  min_agreement=args.min_agreement, max_mean_prob_diff=args.max_mean_prob_diff,
+                                  max_length=args.max_length, description=args.description,
+                                  log=lambda message: print(message, file=sys.stderr))
+    except ImportFinetunedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = result.report()
+    if args.report:
+        write_atomic(args.report, json.dumps(report, indent=2).encode())
+    print(json.dumps({k: v for k, v in report.items() if k != "modules"}, indent=2))
+    if not result.passed and not args.force:
+        print("error: below the fidelity gate, nothing written: " + "; ".join(result.reasons)
+              + " (see not_carried for what the format dropped; raise --budget-bytes, or --force)", file=sys.stderr)
+        return 1
+    write_atomic(args.out, result.data)
+    print(f"wrote {args.out}: {len(result.data)} bytes, 1/{report['compression']} of the checkpoint"
+          + ("" if result.passed else " (forced below the gate)"))
+    if args.push:
+        push(args.push, args.name, result.data, args.token)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adapters_store.format import InvalidDelta, parse_delta
+    from server.backbone import Backbone
+    from training.export import ExportError, export_delta
+
+    backbone = Backbone.load(args.backbone, device="cpu")
+    try:
+        if Path(args.delta).is_file():
+            data = Path(args.delta).read_bytes()
+        else:
+            from adapters_store.storage import StoreError, open_store
+
+            try:
+                if not str(args.store).startswith("s3://") and not Path(args.store).is_dir():
+                    raise StoreError(f"no store folder {args.store}")
+                data = open_store(args.store, backbone.spec()).read_bytes(args.delta)
+            except StoreError as err:
+                print(f"error: {args.delta}: not a file, and not a task of the store {args.store} ({err})",
+                      file=sys.stderr)
+                return 2
+        out = export_delta(parse_delta(data, backbone.spec()), backbone, args.out_dir, force=args.force)
+    except (InvalidDelta, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    task = "token-classification" if "ForTokenClassification" in json.loads((out / "config.json").read_text())[
+        "architectures"][0] else "text-classification"
+    print(f"wrote {out}: a standard transformers model folder (transformers.pipeline({task!r}, {str(out)!r}))")
     return 0
 
 
