@@ -22,6 +22,7 @@ from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
 from server.api.middleware import (
     BodyLimitMiddleware,
+    HeaderLimitMiddleware,
     InternalErrorMiddleware,
     MethodsMiddleware,
     MetricsMiddleware,
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(MethodsMiddleware, router=app.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, max_count=settings.max_headers)
     app.add_middleware(MetricsMiddleware)
     # Every router but the open ones needs a credential, given here once for all their routes, so that
     # no route can forget it (tests/test_auth.py walks app.routes to keep it so).

@@ -113,6 +113,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.http_server import uvicorn_options
 
     try:
         settings = settings_from_args(args)
@@ -142,7 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+        uvicorn.run(create_app(settings), **uvicorn_options(settings), log_level=args.log_level,
                     access_log=args.access_log, timeout_graceful_shutdown=60)
     return 0
 

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="requests waiting for the engine before 429")
     max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")
     max_request_bytes: int = Field(2 * MiB, ge=1, description="largest body of any other request (413 beyond)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request line and headers of a request, "
+                                  "checked as they are read (431 beyond)")
+    max_headers: int = Field(100, ge=1, description="most headers in one request (431 beyond)")
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn's HTTP/1.1 implementation; auto = httptools when installed, else h11 "
+                            "(either bounded by --max-header-bytes)")
     cache_bytes: int = Field(512 * MiB, ge=0, description="device memory budget for prepared deltas")
     malloc_threshold: int = Field(
         2 * 1024 * 1024, ge=0, le=2**31 - 1,

@@ -113,6 +113,33 @@ class BodyLimitMiddleware(HttpMiddleware):
         await response(scope, receive, send)
 
 
+class HeaderLimitMiddleware(HttpMiddleware):
+    """431 for a request with more than `max_count` headers or more than `max_bytes` of them.
+
+    The byte bound is enforced where the head is read (server/http_server.py), before anything
+    is parsed further; this one holds behind any server (Ray Serve's proxy too) and adds the count.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_count: int) -> None:
+        super().__init__(app)
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope["headers"]
+        size = sum(len(name) + len(value) + 4 for name, value in headers)  # "name: value\r\n"
+        problem = None
+        if len(headers) > self.max_count:
+            problem = f"the request has {len(headers)} headers; the limit is {self.max_count}"
+        elif size > self.max_bytes:
+            problem = f"the request headers are {size} bytes; the limit is {self.max_bytes}"
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(431, problem, {"Connection": "close"}, path=scope["path"])
+        await response(scope, receive, send)
+
+
 class InternalErrorMiddleware(HttpMiddleware):
     """Answers an unexpected exception with the 500 of `errors.handle`, and does not re-raise it.
 
@@ -167,14 +194,20 @@ class MethodsMiddleware(HttpMiddleware):
             await send({"type": "http.response.body", "body": b""})
             return
         if method == "HEAD" and "GET" in methods:
-            scope["method"] = "GET"  # in place: the metrics middleware outside sees the route
+            # A copy: the server reads scope["method"] of its own scope to send a HEAD answer's
+            # headers without a body; rewritten in place, httptools' uvicorn waited for the GET's
+            # body and reset the connection. The router's match is copied back for the metrics.
+            as_get = {**scope, "method": "GET"}
 
             async def without_body(message: MutableMapping[str, Any]) -> None:
                 if message["type"] == "http.response.body":
                     message = {**message, "body": b""}
                 await send(message)
 
-            await self.app(scope, receive, without_body)
+            try:
+                await self.app(as_get, receive, without_body)
+            finally:
+                scope.update({key: as_get[key] for key in ("route", "path_params", "endpoint") if key in as_get})
             return
         response = error_response(405, f"{method} is not allowed on {scope['path']}; allowed: {allow}",
                                   {"Allow": allow})
