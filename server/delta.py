@@ -70,7 +70,7 @@ def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int, backe
         name=name,
         version=version,
         meta=delta.meta,
-        head=PreparedTaskHead(delta.head, backbone.device, backbone.dtype),
+        head=PreparedTaskHead(delta.head, backbone.device, backbone.dtype, delta.meta),
         modules=modules,
         pasta=PreparedPasta(delta.pasta, backbone.device, backbone.dtype) if delta.pasta is not None else None,
         backend=backend,

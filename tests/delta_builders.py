@@ -34,15 +34,21 @@ def build_delta(
     extra: Mapping[str, torch.Tensor] | None = None,
     drop: Iterable[str] = (),
     metadata: Mapping[str, str] | None = None,
+    projection: int | None = None,
 ) -> bytes:
-    labels = list(labels)
+    """`task_type="embedding"`: no classifier, labels `[]`; `projection` = D adds head.projection.*."""
+    embedding = task_type == "embedding"
+    labels = [] if embedding else list(labels)
     gen = torch.Generator().manual_seed(seed)
     d, layers = backbone.hidden_size, backbone.num_layers
     layout = backbone.layout
-    tensors: dict[str, torch.Tensor] = {
+    tensors: dict[str, torch.Tensor] = {} if embedding else {
         "head.classifier.weight": torch.randn(len(labels), d, generator=gen),
         "head.classifier.bias": torch.randn(len(labels), generator=gen) * 0.1,
     }
+    if projection:
+        tensors["head.projection.weight"] = torch.randn(projection, d, generator=gen) * 0.2
+        tensors["head.projection.bias"] = torch.randn(projection, generator=gen) * 0.1
     if pooler_head:
         tensors["head.pooler.weight"] = torch.randn(d, d, generator=gen) * 0.2
         tensors["head.pooler.bias"] = torch.randn(d, generator=gen) * 0.1

@@ -34,7 +34,11 @@ def make_delta(
     dtype: torch.dtype = torch.float32,
     modules: list[str] | None = None,
     scale: float = 0.05,
+    pooling: str | None = None,
+    normalize: bool = True,
+    projection: int | None = None,
 ) -> TaskDelta:
+    """`task_type="embedding"` has no classifier: `projection` = D adds head.projection.* [D, d]."""
     gen = torch.Generator().manual_seed(seed)
     d = backbone.hidden_size
 
@@ -63,11 +67,16 @@ def make_delta(
                 head_keep[layer] = HeadKeep(layer, keep_heads)
     pasta = PastaVectors(randn(backbone.num_layers, 3, d) * 20) if "pasta" in parts else None
     num_classes = 1 if problem_type == "regression" else len(labels)
+    embedding = task_type == "embedding"
+    if embedding:
+        labels = ()
     head = TaskHead(
-        randn(num_classes, d) * 20,
-        randn(num_classes),
+        None if embedding else randn(num_classes, d) * 20,
+        None if embedding else randn(num_classes),
         randn(d, d) * 20 if "pooler" in parts else None,
         randn(d) if "pooler" in parts else None,
+        randn(projection, d) * 20 if projection else None,
+        randn(projection) if projection else None,
     )
     meta = DeltaMeta(
         method=method,
@@ -75,5 +84,7 @@ def make_delta(
         labels=labels,
         backbone_fingerprint=backbone.fingerprint,
         problem_type=problem_type,
+        pooling=pooling,
+        normalize=normalize,
     )
     return TaskDelta.from_parts(meta, head, [*keep.values(), *low_rank.values(), *sparse.values()], head_keep, pasta)

@@ -5,7 +5,9 @@ W' = W ⊙ K + B·A + S into every linear weight, zeroes the input columns of pr
 attention output projection, adds PASTA vectors with a forward pre-hook whose special-token
 slots are counted in plain Python, and runs each text alone (no padding, batch of one).
 Special tokens are those the tokenizer inserted (task-delta.md, amended): here, the tokens
-whose `sequence_ids` entry is None, i.e. that belong to neither text.
+whose `sequence_ids` entry is None, i.e. that belong to neither text. Mean pooling is the plain
+mean over the lone text's positions (no padding to leave out), and an embedding's vector is
+normalised by dividing by its norm, as the spec's words say.
 """
 
 from __future__ import annotations
@@ -80,14 +82,23 @@ class ReferenceTask:
         out = self.model(**kwargs)
         hidden = out.last_hidden_state[0]
         head = self.delta.head
-        weight, bias = head.classifier_weight.float(), head.classifier_bias.float()
-        if self.delta.meta.task_type == "token-classification":
-            return F.linear(hidden, weight, bias)
-        first = hidden[0]
+        meta = self.delta.meta
+        if meta.task_type == "token-classification":
+            return F.linear(hidden, head.classifier_weight.float(), head.classifier_bias.float())
+        # One text alone has no padding: every position counts in the mean, in float64 here.
+        mean = hidden.double().mean(dim=0).float()
+        if meta.task_type == "embedding":
+            vector = mean if meta.pooling != "cls" else hidden[0]
+            if head.projection_weight is not None:
+                vector = vector @ head.projection_weight.float().T + head.projection_bias.float()
+            if meta.normalize:
+                vector = vector / vector.double().norm().float()
+            return vector
+        first = mean if meta.pooling == "mean" else hidden[0]
         if head.pooler_weight is not None:
             z = torch.tanh(F.linear(first, head.pooler_weight.float(), head.pooler_bias.float()))
-        elif getattr(self.model, "pooler", None) is not None:
+        elif meta.pooling != "mean" and getattr(self.model, "pooler", None) is not None:
             z = out.pooler_output[0]
         else:
             z = first
-        return F.linear(z, weight, bias)
+        return F.linear(z, head.classifier_weight.float(), head.classifier_bias.float())

@@ -7,7 +7,7 @@ segments, padding, PASTA, the forward lock, the caller's order. A backend owns t
   which shares the very same weight and bias tensors (no copy);
 - `plan` turns a batch's segments into per-module plans, built once per batch;
 - `activate` hands each module its plan for one forward (None = a plain `nn.Linear`);
-- `classify` runs the task heads.
+- `classify` runs the task heads (classifiers, and embeddings' pooling and projection).
 
 Two backends compute exactly task-delta.md's formula, each tuned for its device:
 
@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+from server.pooling import row_mask
 
 if TYPE_CHECKING:
     from server.backbone import Backbone
@@ -82,18 +84,24 @@ class Backend:
     def classify(
         self, hidden: torch.Tensor, pooled: torch.Tensor | None, segments: Sequence[Segment], lengths: Sequence[int]
     ) -> list[torch.Tensor]:
-        """Logits per sorted row on the CPU: [C] (sequence) or [tokens, C] (token classification).
+        """Each sorted row's answer on the CPU: logits [C] (sequence), [tokens, C] (token
+        classification), or a float32 vector [D] (embedding).
 
         Per segment, with one device-to-host copy per segment; a backend may group them.
         """
+        mask = row_mask(lengths, hidden.shape[1], hidden.device)
         outputs: list[torch.Tensor] = []
         for start, end, delta in segments:
+            head = delta.head
             if delta.meta.task_type == "token-classification":
-                logits = delta.head.classify_tokens(hidden[start:end]).float().cpu()
+                logits = head.classify_tokens(hidden[start:end]).float().cpu()
                 outputs.extend(logits[i, : lengths[start + i]] for i in range(end - start))
+            elif delta.meta.is_embedding:
+                outputs.extend(head.embed(hidden[start:end], mask[start:end]).cpu().unbind(0))
             else:
                 seg_pooled = pooled[start:end] if pooled is not None else None
-                outputs.extend(delta.head.classify_sequences(hidden[start:end], seg_pooled).float().cpu().unbind(0))
+                logits = head.classify_sequences(hidden[start:end], seg_pooled, mask[start:end])
+                outputs.extend(logits.float().cpu().unbind(0))
         return outputs
 
 

@@ -15,7 +15,8 @@ per masked task. Here, per batch:
   and `bench/gpu_kernels.py` measures both on a GPU);
 - head keep is one per-row multiply of the attention context by its task's head mask;
 - PASTA is the engine's, for the whole batch; the task heads are grouped: every classifier of
-  the batch in one GEMM and one gather (tasks with their own pooler run theirs per segment).
+  the batch in one GEMM and one gather (tasks with their own pooler or mean pooling get their
+  classifier input per segment; embedding tasks are pooled and projected per segment).
 
 The kernels (`triton_ops.py`) accumulate in fp32 whatever the backbone's dtype; the engine's
 tolerance against the fp32 reference is stated in docs/gpu.md.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from server.backends import Backend, BackendLinear, Segment
 from server.backends import triton_ops as ops
 from server.parts import HEAD_KEEP, ModuleParts
+from server.pooling import row_mask
 
 
 class _Arena:
@@ -189,19 +191,24 @@ class TritonBackend(Backend):
     def classify(
         self, hidden: torch.Tensor, pooled: torch.Tensor | None, segments: Sequence[Segment], lengths: Sequence[int]
     ) -> list[torch.Tensor]:
-        """Every task head of the batch at once: one GEMM against all classifiers, one gather."""
+        """Every classifier of the batch at once: one GEMM against all classifiers, one gather.
+
+        Rows whose task pools differently from the backbone (its own pooler, or mean pooling)
+        get their z per segment first; embedding rows are pooled and projected per segment.
+        """
         outputs: list[torch.Tensor] = [torch.empty(0)] * (segments[-1][1] if segments else 0)
-        sequence = [seg for seg in segments if seg[2].meta.task_type != "token-classification"]
+        sequence = [seg for seg in segments if seg[2].meta.task_type == "sequence-classification"]
         token = [seg for seg in segments if seg[2].meta.task_type == "token-classification"]
+        embedding = [seg for seg in segments if seg[2].meta.is_embedding]
+        mask = row_mask(lengths, hidden.shape[1], hidden.device)
         if sequence:
             rows = _rows_of(sequence, hidden.device)
             z = pooled[rows] if pooled is not None else hidden[rows, 0]
             cursor = 0
-            for start, end, delta in sequence:  # a task's own pooler replaces the backbone's
-                count = end - start
-                if delta.head.pooler_weight is not None:
-                    z[cursor:cursor + count] = torch.tanh(
-                        F.linear(hidden[start:end, 0], delta.head.pooler_weight, delta.head.pooler_bias))
+            for start, end, delta in sequence:  # a task's own pooler or mean pooling replaces the backbone's
+                count, head = end - start, delta.head
+                if head.pooler_weight is not None or head.pooling != "cls":
+                    z[cursor:cursor + count] = head.sequence_input(hidden[start:end], None, mask[start:end])
                 cursor += count
             logits = _grouped_heads(z, sequence).float().cpu()
             for offset, (position, count) in enumerate(_positions(sequence)):
@@ -211,6 +218,8 @@ class TritonBackend(Backend):
             logits = _grouped_heads(hidden[rows], token).float().cpu()
             for offset, (position, count) in enumerate(_positions(token)):
                 outputs[position] = logits[offset, : lengths[position], :count]
+        for start, end, delta in embedding:
+            outputs[start:end] = delta.head.embed(hidden[start:end], mask[start:end]).cpu().unbind(0)
         return outputs
 
 
