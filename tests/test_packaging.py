@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata as md
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -106,8 +107,12 @@ def test_ci_installs_the_readme_line_into_a_venv_of_its_own():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info into the source folder it is given.
+    source = tmp_path_factory.mktemp("source") / "deltaserve"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "store", "runs", "*.egg-info",
+                                                                  "__pycache__", ".venv", ".*_cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "--wheel-dir", str(out), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     (found,) = out.glob("deltaserve-*.whl")
     return found
