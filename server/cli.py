@@ -1,8 +1,8 @@
 """The `deltaserve` command (also `python -m server`): serve, inspect, push, and the trainer's commands.
 
 `serve` has one flag per `Settings` field, generated from the settings model so that the
-flags, the `DELTASERVE_*` variables and the defaults can never drift apart; a flag given
-on the command line wins over the environment.
+flags, the `DELTASERVE_*` variables, the config file's keys and the defaults can never drift
+apart; a flag given on the command line wins over the environment, which wins over `--config`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from adapters_store.format import (
     read_metadata,
 )
 from server.extras import MissingExtra, check_settings
-from server.settings import Settings
+from server.settings import ConfigFileError, Settings, unknown_variables
 from training.cli import add_parsers
 
 
@@ -51,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP server",
-                                description="Run the HTTP server. Every flag also reads DELTASERVE_<FLAG>.")
+                                description="Run the HTTP server. Every flag also reads DELTASERVE_<FLAG>, and "
+                                            "the config file's key <flag>; a flag wins over its variable, which "
+                                            "wins over the file.")
+    serve.add_argument("--config", type=Path, default=os.environ.get("DELTASERVE_CONFIG"), metavar="FILE",
+                       help="settings from a TOML or YAML file, one key per flag: max_batch_tokens = 2048 "
+                            "(env DELTASERVE_CONFIG)")
     _add_settings_flags(serve)
-    serve.add_argument("--log-level", default=os.environ.get("DELTASERVE_LOG_LEVEL", "info"),
-                       choices=("critical", "error", "warning", "info", "debug"))
-    serve.add_argument("--access-log", action="store_true",
-                       help="log every HTTP request (off by default: /metrics counts them, at less cost)")
     serve.set_defaults(func=run_serve)
 
     inspect = commands.add_parser("inspect", help="show a delta file's metadata, parts and bytes")
@@ -100,19 +101,30 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if base is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
+            # Values are checked by the settings model (the same check as a variable's or the file's), so a
+            # Literal's choices are shown, not enforced twice.
+            choices = typing.get_args(_without_none(field.annotation))
+            metavar = "{" + ",".join(choices) + "}" if typing.get_origin(_without_none(field.annotation)) is \
+                typing.Literal else None
             parser.add_argument(flag, dest=name, type=base if base in (int, float) else str, default=None,
-                                help=help_text)
+                                metavar=metavar, help=help_text)
+
+
+def _without_none(annotation: object) -> object:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
 
 
 def _base_type(annotation: object) -> type:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    annotation = _without_none(annotation)
     return annotation if isinstance(annotation, type) else str
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The flags given, over the `DELTASERVE_*` variables, over `--config`'s file, over the defaults."""
     given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
-    return Settings(**given)
+    return Settings.load(given, getattr(args, "config", None))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -123,6 +135,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
+    except ConfigFileError as err:
+        print(f"deltaserve serve: {err}", file=sys.stderr)
+        return 2
     except ValidationError as err:
         # Only the messages: pydantic's own text repeats the input, which may be a token.
         for problem in err.errors(include_url=False, include_input=False):
@@ -135,22 +150,25 @@ def run_serve(args: argparse.Namespace) -> int:
     except MissingExtra as err:
         print(f"deltaserve serve: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("deltaserve")
+    for problem in unknown_variables():
+        log.warning(problem)
     warning = exposure_warning(settings)
     if warning:
-        logging.getLogger("deltaserve").warning(warning)
+        log.warning(warning)
     if settings.ray:
         from server.ray_app import run  # Ray only when asked for: `pip install deltaserve[cluster]`
 
-        return run(settings, args.log_level)
+        return run(settings, settings.log_level)
     steady_malloc(settings.malloc_threshold)
     # uvicorn's SIGTERM handling stops accepting, lets accepted requests finish, then runs the
     # app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the handler
     # it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
-        uvicorn.run(create_app(settings), **uvicorn_options(settings), log_level=args.log_level,
-                    access_log=args.access_log, timeout_graceful_shutdown=60)
+        uvicorn.run(create_app(settings), **uvicorn_options(settings), log_level=settings.log_level,
+                    access_log=settings.access_log, timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

@@ -1,7 +1,11 @@
-"""Server configuration: one `Settings` object, from CLI flags, `DELTASERVE_*` variables or defaults.
+"""Server configuration: one `Settings` object, from CLI flags, `DELTASERVE_*` variables, a config file or defaults.
 
-Flags given on the command line win over environment variables, which win over defaults
-(pydantic-settings: init arguments first, then the environment).
+Every `serve` setting is a field here, and only here: `cli.py` makes one flag per field and
+pydantic-settings one `DELTASERVE_<FIELD>` variable per field, so flags, variables, the config file's
+keys and the defaults cannot drift apart. Flags win over variables, which win over the config file
+(`--config FILE` / `DELTASERVE_CONFIG`, TOML or YAML, keys = field names), which wins over the defaults.
+A `DELTASERVE_*` variable that names no setting is reported by `unknown_variables` (a misspelt
+`DELTASERVE_MAX_BATCH_TOKEN` was silently ignored); an unknown key in the config file is an error.
 
 Tokens: an empty token is refused rather than read as "no authentication" (`--admin-token ''`
 once let every upload through), and each token can come from a file (`--admin-token-file`,
@@ -10,17 +14,37 @@ once let every upload through), and each token can come from a file (`--admin-to
 
 from __future__ import annotations
 
+import difflib
+import os
+import sys
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 MiB = 1024 * 1024
+ENV_PREFIX = "DELTASERVE_"
+# DELTASERVE_* variables read elsewhere than `Settings`: not misspellings.
+OTHER_VARIABLES = {
+    "DELTASERVE_CONFIG": "serve --config",
+    "DELTASERVE_URL": "push --url",
+    "DELTASERVE_TEST_THREADS": "the tests' torch threads",
+}
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+# The config file's values while `Settings.load` builds one (a source of pydantic-settings, below the env).
+_config_values: ContextVar[dict[str, Any] | None] = ContextVar("deltaserve_config_values", default=None)
+
+
+class ConfigFileError(ValueError):
+    """The config file cannot be read, is not TOML/YAML, or names a setting that does not exist."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -80,7 +104,46 @@ class Settings(BaseSettings):
     demo: bool | None = Field(
         None, description="install the demo tasks: true = any missing ones, false = never, "
                           "unset = only into a brand-new store")
-    demo_dir: Path | None = Field(None, description="where the demo deltas are; default: the repo's demo/")
+    demo_dir: Path | None = Field(None, description="where the demo deltas are; default: the ones installed "
+                                                     "with deltaserve")
+
+    # Logging and stopping (cli.py hands them to logging and uvicorn).
+    log_level: LogLevel = Field("info", description="least severe log message shown")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object per line (with the request id) for log collectors")
+    access_log: bool = Field(False, description="log every HTTP request (off by default: /metrics counts them, "
+                                                "at less cost)")
+    shutdown_grace_s: float = Field(
+        30, gt=0, description="on SIGTERM, how long accepted requests may take to finish before the server exits "
+                              "anyway; give the orchestrator more (compose stop_grace_period, Kubernetes "
+                              "terminationGracePeriodSeconds)")
+
+    @classmethod
+    def load(cls, flags: Mapping[str, object] | None = None, config_file: Path | str | None = None) -> Settings:
+        """Settings from flags (given ones only), then `DELTASERVE_*` variables, then the config file, then
+        the defaults. Raises `ConfigFileError` for a bad file and pydantic's ValidationError for bad values."""
+        values = read_config_file(Path(config_file)) if config_file else None
+        token = _config_values.set(values)
+        try:
+            return cls(**dict(flags or {}))
+        finally:
+            _config_values.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        values = _config_values.get()
+        if values is None:
+            return init_settings, env_settings
+        return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=values)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value  # INFO as well as info
 
     @field_validator("store", mode="before")
     @classmethod
@@ -113,3 +176,58 @@ def _token(name: str, value: str | None, file: Path | None) -> str | None:
         raise ValueError(f"{name}: {flag} ({env}) is empty; an empty token would turn authentication off. "
                          f"Unset it to run without one")
     return value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's settings: TOML (`.toml`) or YAML (`.yaml`, `.yml`), one key per setting, named as the
+    fields (`max_batch_tokens`, or with dashes as the flags: `max-batch-tokens`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigFileError(f"cannot read the config file {str(path)!r}: {err}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # pyyaml: transformers depends on it
+
+            data = yaml.safe_load(text) if text.strip() else {}
+        elif path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            raise ConfigFileError(f"the config file {str(path)!r} must end in .toml, .yaml or .yml")
+    except ConfigFileError:
+        raise
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError: the parser's own message
+        raise ConfigFileError(f"the config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"the config file {str(path)!r} must hold a table of settings (key = value)")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = [key for key in values if key not in Settings.model_fields]
+    if unknown:
+        raise ConfigFileError(f"the config file {str(path)!r} names no such setting: "
+                              + "; ".join(_with_suggestion(key, list(Settings.model_fields)) for key in unknown))
+    return values
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A sentence per `DELTASERVE_*` variable that names no setting (and nothing else reads), with the nearest
+    real name when there is one: the variable is ignored, which a misspelling should not be silently."""
+    environ = os.environ if environ is None else environ
+    known = [ENV_PREFIX + name.upper() for name in Settings.model_fields] + list(OTHER_VARIABLES)
+    return [f"{_with_suggestion(name, known)}: not a deltaserve setting, ignored"
+            for name in sorted(environ) if name.upper().startswith(ENV_PREFIX) and name.upper() not in known]
+
+
+def _with_suggestion(name: str, known: list[str]) -> str:
+    # Compared without the common prefix, which would make every DELTASERVE_* name look alike.
+    def bare(text: str) -> str:
+        return text.upper().removeprefix(ENV_PREFIX)
+
+    close = difflib.get_close_matches(bare(name), [bare(k) for k in known], n=1, cutoff=0.75)
+    if not close:
+        return name
+    suggestion = next(k for k in known if bare(k) == close[0])
+    return f"{name} (did you mean {suggestion}?)"

@@ -1,0 +1,119 @@
+"""One settings source (issue 23 item 4): every `serve` flag has its `DELTASERVE_*` variable and config-file key,
+flags win over variables over the file over defaults, `--log-level` is validated wherever it comes from, and
+a `DELTASERVE_*` variable that names no setting is reported at start instead of silently ignored."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+from http_helpers import free_port
+from pydantic import ValidationError
+
+from server.cli import build_parser, main, settings_from_args
+from server.settings import ConfigFileError, Settings, read_config_file, unknown_variables
+
+
+def parse(*flags: str) -> Settings:
+    return settings_from_args(build_parser().parse_args(["serve", *flags]))
+
+
+def test_every_setting_has_a_flag_and_a_variable(monkeypatch):
+    """Each field: its flag parses, and its variable alone sets it (access_log had no variable once)."""
+    serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in serve_help, name
+    monkeypatch.setenv("DELTASERVE_ACCESS_LOG", "true")
+    monkeypatch.setenv("DELTASERVE_SHUTDOWN_GRACE_S", "12.5")
+    monkeypatch.setenv("DELTASERVE_LOG_FORMAT", "json")
+    settings = parse()
+    assert settings.access_log is True and settings.shutdown_grace_s == 12.5 and settings.log_format == "json"
+    assert parse("--no-access-log").access_log is False
+
+
+def test_precedence_flag_then_variable_then_file_then_default(tmp_path, monkeypatch):
+    config = tmp_path / "deltaserve.toml"
+    config.write_text('port = 9100\nmax_batch_tokens = 2048\nmax-queue = 7\nstore = "from-file"\n'
+                      'log_level = "WARNING"\n')
+    monkeypatch.setenv("DELTASERVE_MAX_BATCH_TOKENS", "4096")
+    settings = parse("--config", str(config), "--port", "9200")
+    assert settings.port == 9200  # flag over file
+    assert settings.max_batch_tokens == 4096  # variable over file
+    assert settings.max_queue == 7 and settings.store == "from-file"  # file over default (dashes as in flags)
+    assert settings.log_level == "warning"  # case-insensitive, kept lower-case
+    assert settings.max_inputs == Settings.model_fields["max_inputs"].default
+    monkeypatch.setenv("DELTASERVE_CONFIG", str(config))
+    assert parse().port == 9100  # the file named by its variable
+    assert Settings().port == 8000  # and only through load/--config: a plain Settings() reads no file
+
+
+def test_yaml_config(tmp_path):
+    config = tmp_path / "deltaserve.yaml"
+    config.write_text("max_batch_requests: 16\ndemo: false\n")
+    settings = Settings.load({}, config)
+    assert settings.max_batch_requests == 16 and settings.demo is False
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("bad.toml", "max_batch_token = 5\n", "did you mean max_batch_tokens"),
+    ("bad.toml", "port = [\n", "not valid TOML"),
+    ("bad.yaml", "- a list\n", "table of settings"),
+    ("bad.ini", "port=1\n", "must end in .toml"),
+])
+def test_a_bad_config_file_is_refused_by_name(tmp_path, name, text, message, capsys):
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ConfigFileError, match=message):
+        read_config_file(config)
+    assert main(["serve", "--config", str(config), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_missing_config_file(tmp_path, capsys):
+    assert main(["serve", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read the config file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["flag", "variable", "file"])
+def test_log_level_is_validated(where, tmp_path, monkeypatch, capsys):
+    args = ["serve", "--store", str(tmp_path / "store"), "--no-demo"]
+    if where == "flag":
+        args += ["--log-level", "verbose"]
+    elif where == "variable":
+        monkeypatch.setenv("DELTASERVE_LOG_LEVEL", "verbose")
+    else:
+        (tmp_path / "c.toml").write_text('log_level = "verbose"\n')
+        args += ["--config", str(tmp_path / "c.toml")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "log_level" in err and "'debug'" in err
+    with pytest.raises(ValidationError):
+        Settings(log_level="verbose")
+
+
+def test_unknown_variables_are_named_with_the_nearest_setting():
+    environ = {"DELTASERVE_MAX_BATCH_TOKEN": "5", "DELTASERVE_PORT": "1", "DELTASERVE_URL": "http://x",
+               "DELTASERVE_TEST_THREADS": "2", "DELTASERVE_WHATEVER": "1", "OTHER": "1", "deltaserve_prot": "1"}
+    problems = unknown_variables(environ)
+    assert len(problems) == 3
+    assert any("DELTASERVE_MAX_BATCH_TOKEN (did you mean DELTASERVE_MAX_BATCH_TOKENS?)" in p for p in problems)
+    assert any(p.startswith("DELTASERVE_WHATEVER:") for p in problems)
+    assert any("deltaserve_prot (did you mean DELTASERVE_PORT?)" in p for p in problems)
+
+
+def test_serve_warns_about_an_unknown_variable_at_start(tmp_path, monkeypatch, caplog):
+    """Through `deltaserve serve` itself; the backbone folder is empty, so it stops right after the warnings."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DELTASERVE_MAX_BATCH_TOKEN", "5")
+    (tmp_path / "no-model").mkdir()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with caplog.at_level(logging.WARNING, logger="deltaserve"), pytest.raises(SystemExit):
+            main(["serve", "--port", str(free_port()), "--store", str(tmp_path / "store"),
+                  "--backbone", str(tmp_path / "no-model"), "--no-demo", "--log-level", "warning"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert any("DELTASERVE_MAX_BATCH_TOKEN (did you mean DELTASERVE_MAX_BATCH_TOKENS?)" in r.getMessage()
+               for r in caplog.records)
