@@ -22,6 +22,7 @@ from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
 from server.api.middleware import (
     BodyLimitMiddleware,
+    DisconnectMiddleware,
     HeaderLimitMiddleware,
     InternalErrorMiddleware,
     MethodsMiddleware,
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     # internal-error one is innermost so that it answers a 500 before Starlette's closes the connection.
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(MethodsMiddleware, router=app.router)
+    app.add_middleware(DisconnectMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, max_count=settings.max_headers)
     app.add_middleware(MetricsMiddleware)

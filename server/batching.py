@@ -1,9 +1,17 @@
 """Cross-request batching: predict requests for any mix of tasks answered by one engine forward.
 
-Admission first: `Batcher.predict` refuses at once (`Overloaded` -> 429) when `max_queue`
-requests are already waiting — counted from admission, so a refusal costs no tokenising and no
-wait — and its Retry-After is the measured time to drain what waits (rows waiting ÷ the engine's
-measured rows per second), not a constant.
+Admission first: `Batcher.predict` refuses at once (`Overloaded` -> 429) when what already waits
+is too much — counted from admission, so a refusal costs no tokenising and no wait. What waits is
+counted in rows (inputs, or windows of long texts), as the engine's cost is: a request is refused
+when `max_queue` requests wait, or its rows would take the rows waiting past `max_queue_rows`, or
+past `max_queue_s` seconds of the engine's measured rate; so one client's 64-text requests cannot
+queue minutes of work in front of everyone, and what was admitted drains within a shutdown's
+grace. A request finds room when nothing waits, however large. Retry-After is the measured time
+to drain what waits (rows waiting ÷ the engine's measured rows per second), not a constant.
+
+A request whose client went away (the HTTP layer cancels its handler, see
+server.api.middleware.DisconnectMiddleware) has its rows taken out of the queue at once: they
+never reach the engine, and they stop counting against admission.
 
 Batch formation is length-aware and per row, as TEI's is: the engine pads every row of a forward
 to its longest, so a forward costs `longest × rows` tokens, not the sum of the lengths. The
@@ -356,6 +364,8 @@ class Batcher:
         max_batch_requests: int,
         wait_s: float,
         max_queue: int,
+        max_queue_rows: int | None = None,
+        max_queue_s: float | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.runner = runner
@@ -363,6 +373,8 @@ class Batcher:
         self.max_batch_rows = max_batch_requests  # one input, one row: the limit bounds the forward's rows
         self.wait_s = wait_s
         self.max_queue = max_queue
+        self.max_queue_rows = max_queue_rows
+        self.max_queue_s = max_queue_s
         self.metrics = metrics
         self._pending: list[Item] = []  # rows waiting for a batch, oldest first
         self._admitted = 0  # requests admitted with rows not yet in a batch: tokenising or queued
@@ -413,6 +425,10 @@ class Batcher:
             return 1
         return max(1, math.ceil((self._waiting_rows + 1) / self._rows_per_s))
 
+    def drain_seconds(self, rows: int) -> float | None:
+        """Seconds the engine needs for `rows` at its measured rate (None before any forward)."""
+        return rows / self._rows_per_s if self._rows_per_s else None
+
     async def close(self) -> None:
         """Refuse new work, finish everything accepted, stop the loop and the workers."""
         self._closing = True
@@ -430,7 +446,7 @@ class Batcher:
     def _admit(self, rows: int) -> None:
         if self._closing:
             raise ShuttingDown()
-        if self._admitted >= self.max_queue:
+        if self._admitted and self._queue_full(rows):
             if self.metrics:
                 self.metrics.rejected.inc()
             raise Overloaded(self.retry_after())
@@ -438,6 +454,14 @@ class Batcher:
         self._waiting_rows += rows
         self._idle.clear()
         self._observe_depth()
+
+    def _queue_full(self, rows: int) -> bool:
+        """Whether admitting `rows` more would pass a bound of the queue (requests, rows, seconds of work)."""
+        after = self._waiting_rows + rows
+        drain = self.drain_seconds(after)
+        return (self._admitted >= self.max_queue
+                or (self.max_queue_rows is not None and after > self.max_queue_rows)
+                or (self.max_queue_s is not None and drain is not None and drain > self.max_queue_s))
 
     def _leave(self, jobs: int, rows: int) -> None:
         self._admitted -= jobs
@@ -449,7 +473,21 @@ class Batcher:
         job.queued = job.rows
         self._pending.extend(job.items())  # admitted before any close began: it is answered
         self._arrived.set()
-        return await job.future  # a client that goes away cancels the future; its rows are dropped
+        job.future.add_done_callback(lambda future: future.cancelled() and self._abandoned(job))
+        return await job.future  # a client that goes away cancels the future: its rows leave the queue
+
+    def _abandoned(self, job: Job) -> None:
+        if self.metrics:
+            self.metrics.abandoned.inc()
+        self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        """Take the rows of a request nobody waits for any more out of the queue (none reaches the engine)."""
+        if job.queued == 0:
+            return
+        self._pending = [item for item in self._pending if item.job is not job]
+        self._leave(1, job.queued)
+        job.queued = 0
 
     def _check_idle(self) -> None:
         if not self._admitted and not self._in_flight:
@@ -489,6 +527,11 @@ class Batcher:
             self._prepare_s = 0.8 * self._prepare_s + 0.2 * (time.perf_counter() - began)
             if engine_busy is not None:
                 await asyncio.wait([engine_busy])  # one batch waits prepared; no more
+            prepared = await self._without_abandoned(prepared)
+            if prepared is None:  # every request of it went away while it waited
+                self._in_flight -= 1
+                self._check_idle()
+                continue
             started = time.perf_counter()
             cost = max(1, padded_tokens(prepared.items))
             engine_eta = started + self._s_per_token * cost
@@ -496,6 +539,28 @@ class Batcher:
             task = loop.create_task(self._complete(prepared, engine_busy, started, cost))
             self._completing.add(task)  # a reference, or the task may be collected mid-flight
             task.add_done_callback(self._completing.discard)
+
+    async def _without_abandoned(self, prepared: Prepared) -> Prepared | None:
+        """The prepared batch without the rows of requests whose client left while it waited for the
+        engine (prepared again from the rest; None when no row is left), so none of them is computed."""
+        live = [item for item in prepared.items if not item.job.future.cancelled()]
+        if len(live) == len(prepared.items):
+            return prepared
+        try:
+            if not live:
+                self._answer([(job, job.delta) for job in prepared.failed])  # type: ignore[misc]
+                return None
+            loop = asyncio.get_running_loop()
+            try:
+                fresh = await loop.run_in_executor(self._prepare_pool, self.runner.prepare, live)
+            except Exception as err:  # a bug: every request of the batch gets it
+                log.exception("preparing a batch failed")
+                self._answer([(job, err) for job in {id(i.job): i.job for i in live}.values()])
+                return None
+            fresh.failed.extend(prepared.failed)
+            return fresh
+        finally:
+            prepared.release()  # after the new pins: what the live rows use stays resident
 
     async def _wait_for_company(self) -> None:
         """The engine is idle: wait up to `wait_s` for more rows, unless a batch is full already."""
@@ -511,16 +576,16 @@ class Batcher:
 
     def _take_batch(self) -> list[Item]:
         """A length-aware batch of rows out of the queue (rows of requests whose client went away are dropped)."""
-        live = [i for i in self._pending if not i.job.future.done()]
-        gone = [i for i in self._pending if i.job.future.done()]
-        batch = form_batch(live, self.max_batch_tokens, self.max_batch_rows)
+        for job in {id(i.job): i.job for i in self._pending if i.job.future.done()}.values():
+            self._drop(job)  # cancelled, its callback not yet run
+        batch = form_batch(self._pending, self.max_batch_tokens, self.max_batch_rows)
         chosen = {id(i) for i in batch}
-        self._pending = [i for i in live if id(i) not in chosen]
+        self._pending = [i for i in self._pending if id(i) not in chosen]
         left = 0
-        for item in (*gone, *batch):
+        for item in batch:
             item.job.queued -= 1
             left += item.job.queued == 0
-        self._leave(left, len(gone) + len(batch))
+        self._leave(left, len(batch))
         return batch
 
     async def _complete(self, prepared: Prepared, forward: asyncio.Future, started: float, cost: int) -> None:
@@ -561,3 +626,4 @@ class Batcher:
     def _observe_depth(self) -> None:
         if self.metrics:
             self.metrics.queue_depth.set(self._admitted)
+            self.metrics.queue_rows.set(self._waiting_rows)

@@ -66,6 +66,10 @@ class Metrics:
         self.queue_depth = Gauge("deltaserve_queue_depth", "predict requests waiting for the engine", registry=r)
         self.rejected = Counter("deltaserve_rejected", "predict requests refused because the queue was full",
                                 registry=r)
+        self.queue_rows = Gauge("deltaserve_queue_rows", "rows (inputs, windows of long texts) of the predict "
+                                "requests waiting", registry=r)
+        self.abandoned = Counter("deltaserve_abandoned", "predict requests whose client went away while their "
+                                 "rows waited (the rows were dropped before the engine)", registry=r)
         self.tasks = Gauge("deltaserve_tasks", "tasks in the store", registry=r)
 
     def watch_cache(self, stats: Callable[[], Mapping[str, int]]) -> None:

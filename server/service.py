@@ -84,7 +84,8 @@ class Server:
         runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
         batcher = Batcher(runner, max_batch_tokens=settings.max_batch_tokens,
                           max_batch_requests=settings.max_batch_requests, wait_s=settings.batch_wait_ms / 1000,
-                          max_queue=settings.max_queue, metrics=metrics)
+                          max_queue=settings.max_queue, max_queue_rows=settings.max_queue_rows,
+                          max_queue_s=settings.max_queue_s, metrics=metrics)
         return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics)
 
     async def close(self) -> None:

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(64, ge=1, description="most inputs (rows) in one engine forward")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_queue: int = Field(256, ge=1, description="requests waiting for the engine before 429")
+    max_queue_rows: int = Field(2048, ge=1, description="rows (inputs, windows of long texts) waiting for the "
+                                "engine before 429; a request finds room when nothing waits")
+    max_queue_s: float = Field(20.0, gt=0, description="seconds of engine work (rows waiting at the measured "
+                               "rate) before 429; keep it under the shutdown grace so what was admitted drains")
     max_upload_bytes: int = Field(64 * MiB, ge=1, description="largest delta upload (413 beyond)")
     max_request_bytes: int = Field(2 * MiB, ge=1, description="largest body of any other request (413 beyond)")
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request line and headers of a request, "

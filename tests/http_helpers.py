@@ -20,6 +20,7 @@ from server.app import create_app
 from server.backbone import Backbone
 from server.delta import prepare_delta
 from server.engine import Engine, Row
+from server.http_server import uvicorn_options
 from server.postprocess import predict_row
 from server.service import Server
 from server.settings import Settings
@@ -113,3 +114,30 @@ def live_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+HTTP_IMPLEMENTATIONS = ["h11", "httptools"]
+
+
+@contextlib.contextmanager
+def served_uvicorn(backbone: Backbone, store: Path, http: str, **overrides: Any) -> Iterator[tuple[str, FastAPI]]:
+    """The app on real uvicorn in a thread of this process, configured as `deltaserve serve` configures it
+    (`http`: "h11" or "httptools"); yields its base URL and the app."""
+    import pytest
+
+    if http == "httptools":
+        pytest.importorskip("httptools")
+    options = settings(store, port=free_port(), http=http, **overrides)
+    app = create_app(options, backbone=backbone)
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(options), log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{options.port}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)

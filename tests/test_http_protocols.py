@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,36 +18,21 @@ import httpx
 import pytest
 import uvicorn
 from delta_builders import build_delta
-from http_helpers import ADMIN, free_port, settings
+from http_helpers import ADMIN, HTTP_IMPLEMENTATIONS, served_uvicorn
 from uvicorn.server import ServerState
 
-from server.app import create_app
-from server.http_server import BoundedH11Protocol, http_protocol, uvicorn_options
+from server.http_server import BoundedH11Protocol, http_protocol
 
-IMPLEMENTATIONS = ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("httptools"), reason="httptools is not installed"))]
+IMPLEMENTATIONS = HTTP_IMPLEMENTATIONS
 LIMIT = 8 * 1024
 
 
 @contextlib.contextmanager
 def uvicorn_server(backbone, store, http: str, **overrides: Any) -> Iterator[str]:
-    """The app on real uvicorn, configured as `deltaserve serve` configures it."""
-    options = settings(store, port=free_port(), http=http, max_header_bytes=LIMIT, **overrides)
-    server = uvicorn.Server(uvicorn.Config(create_app(options, backbone=backbone), **uvicorn_options(options),
-                                           log_level="critical"))
-    expected = BoundedH11Protocol if http == "h11" else http_protocol("httptools")
-    assert server.config.http is expected and expected.__module__ == "server.http_server"
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{options.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with served_uvicorn(backbone, store, http, max_header_bytes=LIMIT, **overrides) as (url, app):
+        expected = BoundedH11Protocol if http == "h11" else http_protocol("httptools")
+        assert app.state.settings.http == http and expected.__module__ == "server.http_server"
+        yield url
 
 
 def raw_request(url: str, head: bytes, piece: int | None = None) -> bytes:

@@ -7,6 +7,7 @@ neither buffers streaming bodies nor adds a task per request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -138,6 +139,71 @@ class HeaderLimitMiddleware(HttpMiddleware):
             return
         response = error_response(431, problem, {"Connection": "close"}, path=scope["path"])
         await response(scope, receive, send)
+
+
+class DisconnectMiddleware(HttpMiddleware):
+    """Cancels the handling of a POST whose client went away, once its body has been read.
+
+    Neither uvicorn nor Starlette cancels a handler when its client disconnects, so the rows of
+    abandoned predict requests were still computed (200 requests of 64 texts given up after
+    0.3 s: 6,081 rows over 114 s while a 1-text request waited). Here, after the app has read the
+    whole body, the next message of the connection is awaited beside the handler; when it is
+    `http.disconnect` before the response has been sent, the handler is cancelled, which cancels
+    the batcher's future and takes the request's rows out of the queue (server.batching).
+    Whoever else asks the app's `receive` for that message gets it too. The metrics count such a
+    request as 499 (client closed request), a status nothing is sent with.
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        body_read = asyncio.Event()
+        after_body: asyncio.Future[MutableMapping[str, Any]] = loop.create_future()
+        responded = False
+        left = False
+
+        async def receive_body() -> MutableMapping[str, Any]:
+            if body_read.is_set():
+                return await asyncio.shield(after_body)
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+                if message["type"] == "http.disconnect" and not after_body.done():
+                    after_body.set_result(message)
+            return message
+
+        async def send_watched(message: MutableMapping[str, Any]) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, receive_body, send_watched))
+
+        async def watch() -> None:
+            nonlocal left
+            await body_read.wait()
+            message = after_body.result() if after_body.done() else await receive()
+            while message["type"] == "http.request":  # an empty extra body message; not the end yet
+                message = await receive()
+            if not after_body.done():
+                after_body.set_result(message)
+            if message["type"] == "http.disconnect" and not responded and not handler.done():
+                left = True
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not left:
+                raise  # the server's own cancel (shutdown), not the client's leaving
+            await send({"type": "http.response.start", "status": 499, "headers": []})  # no one reads it
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
 
 
 class InternalErrorMiddleware(HttpMiddleware):
