@@ -54,11 +54,14 @@ from adapters_store.storage import (
     DEFAULT_MAX_DELTA_BYTES,
     MANIFEST,
     MANIFEST_FORMAT,
+    Quota,
     StoreCorrupt,
     StoreUnavailable,
     TaskInfo,
     TaskNotFound,
+    check_owner,
     check_sha256,
+    owned_info,
     validate_upload,
 )
 
@@ -178,15 +181,21 @@ class S3DeltaStore:
 
     # ------------------------------------------------------------------ writing
 
-    def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
+    def put(self, name: str, data: bytes, owner: str | None = None,
+            quota: Quota | None = None) -> tuple[TaskInfo, bool]:
         delta = validate_upload(name, data, self.spec, self.max_delta_bytes)  # raises before anything is written
         key = f"{self.prefix}deltas/{name}/{uuid.uuid4().hex}.safetensors"
         self._put_object(key, data, IfNoneMatch="*")  # a fresh key: never overwrites anything
         result: dict[str, Any] = {}
 
-        def change(manifest: _Manifest) -> None:
+        def change(manifest: _Manifest) -> None:  # on the manifest as read for the conditional write
+            previous = manifest.tasks.get(name)
+            check_owner(previous, name, owner)
+            if owner is not None and quota is not None:
+                quota.check(owner, manifest.tasks.values(), name, len(data))
             version = manifest.last_versions.get(name, 0) + 1
-            info = TaskInfo.from_delta(name, version, data, delta)
+            kept_owner = owner if previous is None or owner is not None else previous.owner
+            info = TaskInfo.from_delta(name, version, data, delta, kept_owner)
             result.update(info=info, previous=manifest.objects.get(name), created=name not in manifest.tasks)
             manifest.tasks[name] = info
             manifest.objects[name] = key
@@ -203,12 +212,11 @@ class S3DeltaStore:
         log.info("stored task %s version %d (%d bytes) in %s", name, info.version, len(data), self.url)
         return info, result["created"]
 
-    def delete(self, name: str) -> TaskInfo:
+    def delete(self, name: str, owner: str | None = None) -> TaskInfo:
         result: dict[str, Any] = {}
 
         def change(manifest: _Manifest) -> None:
-            if name not in manifest.tasks:
-                raise TaskNotFound(name)
+            owned_info(manifest.tasks.get(name), name, owner)
             result.update(info=manifest.tasks.pop(name), key=manifest.objects.pop(name))
 
         self._commit(change)

@@ -30,7 +30,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +69,50 @@ class TaskNotFound(StoreError, KeyError):
 class DeltaTooLarge(StoreError, ValueError):
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"delta is {size} bytes; the limit is {limit} bytes")
+
+
+class NameTaken(StoreError):
+    """The name belongs to another owner: names are global, so a tenant cannot take another's (HTTP 409)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"task name {name!r} is taken; choose another name")
+
+
+class QuotaExceeded(StoreError):
+    """An upload would take its owner past one of its quotas; nothing was stored (HTTP 403)."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """An owner's limits (None: no limit), checked by the store under the same lock as the write."""
+
+    max_tasks: int | None = None
+    max_delta_bytes: int | None = None
+
+    def check(self, owner: str, tasks: Iterable[TaskInfo], name: str, new_bytes: int) -> None:
+        """QuotaExceeded when storing `new_bytes` as task `name` takes `owner` past a limit (a replace frees
+        the bytes of the version it replaces)."""
+        others = [info for info in tasks if info.owner == owner and info.name != name]
+        if self.max_tasks is not None and len(others) + 1 > self.max_tasks:
+            raise QuotaExceeded(f"tenant {owner!r} has {len(others)} tasks; its max_tasks quota is "
+                                f"{self.max_tasks}; nothing was stored")
+        used = sum(info.delta_bytes for info in others)
+        if self.max_delta_bytes is not None and used + new_bytes > self.max_delta_bytes:
+            raise QuotaExceeded(f"tenant {owner!r} stores {used} bytes of deltas and this one has {new_bytes}; "
+                                f"its max_delta_bytes quota is {self.max_delta_bytes}; nothing was stored")
+
+
+def check_owner(current: TaskInfo | None, name: str, owner: str | None) -> None:
+    """A write by `owner` (None: the operator, who may write anything) to a task another owns: NameTaken."""
+    if owner is not None and current is not None and current.owner != owner:
+        raise NameTaken(name)
+
+
+def owned_info(info: TaskInfo | None, name: str, owner: str | None) -> TaskInfo:
+    """`info` when `owner` may see it (None: the operator sees all); else TaskNotFound, as if absent."""
+    if info is None or (owner is not None and info.owner != owner):
+        raise TaskNotFound(name)
+    return info
 
 
 class StoreCorrupt(StoreError, RuntimeError):
@@ -119,9 +163,10 @@ class TaskInfo:
     backbone_fingerprint: str = ""
     head_bytes: int = 0
     bytes_by_part: dict[str, int] = field(default_factory=dict)
+    owner: str | None = None  # the tenant whose key created it; None: the operator's
 
     @classmethod
-    def from_delta(cls, name: str, version: int, data: bytes, delta: TaskDelta) -> TaskInfo:
+    def from_delta(cls, name: str, version: int, data: bytes, delta: TaskDelta, owner: str | None = None) -> TaskInfo:
         meta = delta.meta
         return cls(
             name=name,
@@ -139,6 +184,7 @@ class TaskInfo:
             backbone_fingerprint=meta.backbone_fingerprint,
             head_bytes=delta.head.nbytes,
             bytes_by_part=delta.bytes_by_part(),
+            owner=owner,
         ).answerable()
 
     def answerable(self) -> TaskInfo:
@@ -174,12 +220,17 @@ class DeltaStore(Protocol):
         """The file of `version` (default: the current one); `TaskNotFound` when it is gone."""
         ...
 
-    def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
-        """Validate and store a new version; returns its info and whether the task is new."""
+    def put(self, name: str, data: bytes, owner: str | None = None,
+            quota: Quota | None = None) -> tuple[TaskInfo, bool]:
+        """Validate and store a new version; returns its info and whether the task is new.
+
+        `owner` None is the operator: it may replace any task, which keeps its owner. A tenant's `owner`
+        may create a task (recorded as its) or replace its own: `NameTaken` when another owns the name,
+        `QuotaExceeded` past `quota`, both checked atomically with the write."""
         ...
 
-    def delete(self, name: str) -> TaskInfo:
-        """Remove a task; returns what was removed; `TaskNotFound` when unknown."""
+    def delete(self, name: str, owner: str | None = None) -> TaskInfo:
+        """Remove a task; returns what was removed; `TaskNotFound` when unknown (or, with `owner`, not its)."""
         ...
 
 
@@ -228,14 +279,19 @@ class LocalDeltaStore:
 
     # ------------------------------------------------------------------ writing
 
-    def put(self, name: str, data: bytes) -> tuple[TaskInfo, bool]:
+    def put(self, name: str, data: bytes, owner: str | None = None,
+            quota: Quota | None = None) -> tuple[TaskInfo, bool]:
         delta = validate_upload(name, data, self.spec, self.max_delta_bytes)  # raises before anything is written
         with self._name_lock(name), self._exclusive():
             with self._lock:
                 self._tasks, self._last_versions = self._load_manifest()  # another process may have written
                 previous = self._tasks.get(name)
+                check_owner(previous, name, owner)
+                if owner is not None and quota is not None:
+                    quota.check(owner, self._tasks.values(), name, len(data))
                 version = self._last_versions.get(name, 0) + 1
-            info = TaskInfo.from_delta(name, version, data, delta)
+            kept_owner = owner if previous is None or owner is not None else previous.owner
+            info = TaskInfo.from_delta(name, version, data, delta, kept_owner)
             path = self._path(name, version)
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, data)
@@ -253,13 +309,11 @@ class LocalDeltaStore:
         log.info("stored task %s version %d (%d bytes)", name, version, len(data))
         return info, previous is None
 
-    def delete(self, name: str) -> TaskInfo:
+    def delete(self, name: str, owner: str | None = None) -> TaskInfo:
         with self._name_lock(name), self._exclusive():
             with self._lock:
                 self._tasks, self._last_versions = self._load_manifest()
-                info = self._tasks.get(name)
-                if info is None:
-                    raise TaskNotFound(name)
+                info = owned_info(self._tasks.get(name), name, owner)
                 tasks = {k: v for k, v in self._tasks.items() if k != name}
                 self._write_manifest(tasks, self._last_versions)
                 self._tasks = tasks

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -40,6 +41,15 @@ PROTECTED_ROUTERS = (tasks.router, ops.router, oip.router, hf.router)
 OPEN_ROUTERS = (ops.probes, oip.probes, dashboard.router)
 
 
+def listen_for_sighup(reload: Callable[[], object]) -> None:
+    """`kill -HUP <pid>` re-reads the tenants file. Only the main thread's loop can take signals (under
+    uvicorn it is; a test's or an embedding's loop may not be): there, the file's change is watched anyway."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError) as err:  # not the main thread; Windows
+        log.info("SIGHUP does not reload the tenants file here (%s); a change of the file does", err)
+
+
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
                on_build: Callable[[Server], None] | None = None) -> FastAPI:
     """The application; `backbone` skips loading one (tests pass a tiny one); `on_build(server)` runs after
@@ -53,6 +63,8 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
             on_build(server)
         server.batcher.start()
         app.state.server = server
+        if server.tenants is not None:
+            listen_for_sighup(server.tenants.reload)
         log.info("deltaserve ready: backbone %s, %d tasks", server.backbone.name, len(server.store.list()))
         try:
             yield

@@ -7,15 +7,27 @@ here knows about HTTP, so the CLI, the routes and the tests share one way to mak
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import DeltaStore, InvalidTaskName, TaskInfo, TaskNotFound, check_name, open_store
+from adapters_store.storage import (
+    DeltaStore,
+    InvalidTaskName,
+    NameTaken,
+    Quota,
+    TaskInfo,
+    check_name,
+    check_owner,
+    open_store,
+    owned_info,
+)
+from server.audit import AuditLog
 from server.backbone import Backbone, check_text
 from server.batching import Answer, Batcher, BatchRunner, Job, TextInput, Tokenizer
 from server.cache import DeltaCache
@@ -24,6 +36,7 @@ from server.extras import check_settings
 from server.metrics import Metrics
 from server.postprocess import UnsupportedInput
 from server.settings import Settings
+from server.tenants import OPERATOR, Caller, TenantsFile
 from server.windows import aligned, encode_windows, merge_windows
 
 log = logging.getLogger("deltaserve")
@@ -58,6 +71,8 @@ class Server:
     runner: BatchRunner
     batcher: Batcher
     metrics: Metrics
+    tenants: TenantsFile | None = None  # --tenants-file: who owns and may use which tasks
+    audit: AuditLog = field(default_factory=lambda: AuditLog(None))
     replica: str | None = None  # set by a Ray Serve replica (server/ray_app.py): /memory names it
 
     @classmethod
@@ -86,29 +101,85 @@ class Server:
                           max_batch_requests=settings.max_batch_requests, wait_s=settings.batch_wait_ms / 1000,
                           max_queue=settings.max_queue, max_queue_rows=settings.max_queue_rows,
                           max_queue_s=settings.max_queue_s, metrics=metrics)
-        return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics)
+        tenants = TenantsFile(settings.tenants_file) if settings.tenants_file is not None else None
+        if tenants is not None:
+            tenants.start_watching()
+            if settings.admin_token is None:
+                log.warning("tenants without an admin token: /metrics and the tasks of no tenant are out of reach")
+        return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics, tenants,
+                   AuditLog(settings.audit_log))
 
     async def close(self) -> None:
         await self.batcher.close()
         self.tokenizer.close()
         if hasattr(self.store, "close"):  # the S3 store's watcher thread
             self.store.close()
+        if self.tenants is not None:
+            self.tenants.close()
+        self.audit.close()
 
-    def task(self, name: str) -> TaskInfo:
-        """The task's info; `InvalidTaskName` or `TaskNotFound` otherwise."""
+    def task(self, name: str, caller: Caller = OPERATOR) -> TaskInfo:
+        """The task's info if `caller` may see it; `InvalidTaskName` or `TaskNotFound` (also for another
+        tenant's task: as if absent) otherwise."""
         check_name(name)
-        info = self.store.get_info(name)
-        if info is None:
-            raise TaskNotFound(name)
+        return owned_info(self.store.get_info(name), name, caller.owner)
+
+    def tasks(self, caller: Caller = OPERATOR) -> list[TaskInfo]:
+        """The tasks `caller` may see: a tenant's own, or all."""
+        return [info for info in self.store.list() if caller.owner is None or info.owner == caller.owner]
+
+    def check_put(self, name: str, caller: Caller = OPERATOR, route: str = "PUT /tasks/{name}") -> None:
+        """`NameTaken` (audited) before an upload is read, when the name is another's (the store checks again,
+        atomically with the write)."""
+        try:
+            check_owner(self.store.get_info(name), name, caller.owner)
+        except NameTaken as err:
+            self.audit.record(caller, route, _refusal(err), name)
+            raise
+
+    async def put_task(self, name: str, data: bytes, caller: Caller = OPERATOR,
+                       route: str = "PUT /tasks/{name}") -> tuple[TaskInfo, bool]:
+        """Store a new version as `caller` (a tenant within its quotas, never over another's name), drop the
+        replaced versions' prepared deltas, update the gauge, and audit the outcome."""
+        quota = self._tenant_quota(caller)
+        try:
+            info, created = await asyncio.to_thread(self.store.put, name, data, caller.owner, quota)
+        except Exception as err:
+            self.audit.record(caller, route, _refusal(err), name)
+            raise
+        self.cache.discard_task(name)  # old versions will never be asked for again
+        self.metrics.tasks.set(len(self.store.list()))
+        self.audit.record(caller, route, "created" if created else "replaced", name, info.version)
+        return info, created
+
+    async def delete_task(self, name: str, caller: Caller = OPERATOR,
+                          route: str = "DELETE /tasks/{name}") -> TaskInfo:
+        """Delete as `caller` (a tenant's own tasks only: another's is absent), with the same side effects."""
+        try:
+            check_name(name)
+            info = await asyncio.to_thread(self.store.delete, name, caller.owner)
+        except Exception as err:
+            self.audit.record(caller, route, _refusal(err), name)
+            raise
+        self.cache.discard_task(name)
+        self.metrics.tasks.set(len(self.store.list()))
+        self.audit.record(caller, route, "deleted", name, info.version)
         return info
 
-    async def predict(self, name: str, inputs: list[TextInput], stride: int | None = None) -> tuple[TaskInfo, Answer]:
+    def _tenant_quota(self, caller: Caller) -> Quota | None:
+        if caller.owner is None or self.tenants is None:
+            return None
+        tenant = self.tenants.current.by_name.get(caller.owner)
+        return tenant.quota if tenant is not None else None
+
+    async def predict(self, name: str, inputs: list[TextInput], stride: int | None = None,
+                      caller: Caller = OPERATOR) -> tuple[TaskInfo, Answer]:
         """Every protocol's one way in: the task's current version answers `inputs` in the mixed batch.
 
         Token classification splits long texts into windows overlapping by `stride` tokens (default:
         server.windows.default_stride); sequence classification truncates to the task's max_length.
         """
-        info = self.task(name)
+        info = self.task(name, caller)
         if len(inputs) > self.settings.max_inputs:
             raise TooManyInputs(f"{len(inputs)} inputs in one request; the limit is {self.settings.max_inputs}")
         check_inputs(inputs, self.settings.max_input_chars)
@@ -116,14 +187,15 @@ class Server:
             texts = [text for text in inputs if isinstance(text, str)]
             if len(texts) != len(inputs):
                 raise UnsupportedInput("token-classification tasks take single texts, not pairs")
-            return await self._predict_windows(name, texts, stride)
+            return await self._predict_windows(name, texts, stride, caller)
         max_length = self.runner.max_length(info.max_length)
         return info, await self.batcher.predict(name, inputs, max_length)  # 429 before any tokenising
 
-    async def _predict_windows(self, name: str, texts: list[str], stride: int | None) -> tuple[TaskInfo, Answer]:
+    async def _predict_windows(self, name: str, texts: list[str], stride: int | None,
+                               caller: Caller) -> tuple[TaskInfo, Answer]:
         """Every window of every text as one job's rows; each text's words merged from its windows."""
         for _ in range(3):
-            info = self.task(name)
+            info = self.task(name, caller)
             max_length = self.runner.max_length(info.max_length)
             windows = await self.tokenizer.run(encode_windows, self.backbone, texts, max_length, stride)
             count = sum(len(w) for w in windows)
@@ -144,13 +216,31 @@ class Server:
                 return info, Answer(answer.task, answer.version, merged)
         raise Replaced(f"task {name!r} was replaced while this request waited, three times; try again")
 
-    def memory(self) -> dict[str, Any]:
-        """`GET /memory` for this server now, with what its cache holds (per replica, behind a proxy)."""
-        resident = self.cache.resident()
-        report = memory_report(self.backbone.parameter_bytes, self.store.list(), sum(size for _, size in resident))
+    def memory(self, caller: Caller = OPERATOR) -> dict[str, Any]:
+        """`GET /memory` for this server now, with what its cache holds (per replica, behind a proxy); a
+        tenant sees its own tasks and usage, the operator every tenant's."""
+        visible = self.tasks(caller)
+        names = {info.name for info in visible}
+        resident = [(key, size) for key, size in self.cache.resident() if key[0] in names]
+        report = memory_report(self.backbone.parameter_bytes, visible, sum(size for _, size in resident))
         report["resident"] = [{"name": key[0], "version": key[1], "bytes": size} for key, size in resident]
         report["replica"] = self.replica
+        report["tenants"] = self._usage(caller) if self.tenants is not None else None
         return report
+
+    def _usage(self, caller: Caller) -> list[dict[str, Any]]:
+        assert self.tenants is not None
+        tasks = self.store.list()
+        return [{"name": t.name, "tasks": sum(1 for i in tasks if i.owner == t.name),
+                 "delta_bytes": sum(i.delta_bytes for i in tasks if i.owner == t.name),
+                 "max_tasks": t.max_tasks, "max_delta_bytes": t.max_delta_bytes, "weight": t.weight}
+                for t in sorted(self.tenants.current.by_name.values(), key=lambda t: t.name)
+                if caller.owner is None or t.name == caller.owner]
+
+
+def _refusal(err: Exception) -> str:
+    """An audit outcome for a write that failed: the exception's kind and sentence."""
+    return f"refused: {type(err).__name__}: {err}"
 
 
 def open_settings_store(settings: Settings, backbone: Backbone) -> DeltaStore:

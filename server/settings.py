@@ -25,6 +25,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.tenants import TenantsFileError, load_tenants
+
 MiB = 1024 * 1024
 ENV_PREFIX = "DELTASERVE_"
 # DELTASERVE_* variables read elsewhere than `Settings`: not misspellings.
@@ -60,6 +62,11 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, repr=False, description="when set, predict and the read routes need "
                                 "'Authorization: Bearer <key>' (or the admin token); /health stays open")
     api_key_file: Path | None = Field(None, description="read the API key from this file")
+    tenants_file: Path | None = Field(
+        None, description="TOML file of tenants, their key hashes, quotas and weights: each tenant sees and uses "
+                          "its own tasks only (re-read on SIGHUP and when it changes; docs/deployment.md)")
+    audit_log: str | None = Field(None, description="append a JSON line for every write, delete, refused "
+                                                    "credential and quota refusal to this file ('-': stdout)")
     device: str | None = Field(None, description="torch device; default: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="backbone precision; auto = float16 on CUDA, float32 on CPU")
@@ -159,6 +166,14 @@ class Settings(BaseSettings):
     def _tokens(self) -> Settings:
         self.admin_token = _token("admin_token", self.admin_token, self.admin_token_file)
         self.api_key = _token("api_key", self.api_key, self.api_key_file)
+        if self.tenants_file is not None:
+            if self.api_key is not None:
+                raise ValueError("api_key: --api-key reads every task, which tenants must not; with "
+                                 "--tenants-file give each reader a tenant key instead")
+            try:
+                load_tenants(self.tenants_file)  # an invalid file stops the server before it starts
+            except TenantsFileError as err:
+                raise ValueError(str(err)) from None
         return self
 
 

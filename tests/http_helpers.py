@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import socket
 import threading
 import time
@@ -11,10 +12,12 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import fastapi.routing
 import httpx
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from starlette.routing import BaseRoute
 
 from server.app import create_app
 from server.backbone import Backbone
@@ -26,6 +29,34 @@ from server.service import Server
 from server.settings import Settings
 
 ADMIN = {"Authorization": "Bearer s3cret"}
+# Path parameters filled so that a request which got past auth would find something (200, not 404).
+PATH_PARAMS = {"name": "seq", "version": "1", "file": "dashboard.js"}
+
+
+def endpoints(routes: list[BaseRoute]) -> Iterator[tuple[str, str]]:
+    """(method, path template) of every route of an app, its included routers' too.
+
+    FastAPI 0.165 keeps an included router as one lazy entry of `app.routes`, which
+    `iter_route_contexts` (what its OpenAPI generator walks) flattens; earlier versions copy the routes in.
+    """
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    for route in flatten(routes) if flatten is not None else routes:
+        for method in sorted(getattr(route, "methods", None) or ()):
+            yield method, route.path
+
+
+def call_route(client: TestClient, method: str, template: str, headers: dict[str, str] | None = None,
+               **params: str) -> httpx.Response:
+    """One request to a route template, with a body its method takes (a predict body; a non-delta upload)."""
+    body: dict[str, Any] = ({"json": {"inputs": "hi"}} if method == "POST" else
+                            {"content": b"x"} if method == "PUT" else {})
+    return client.request(method, fill_path(template, **params), headers=headers or {}, **body)
+
+
+def fill_path(template: str, **params: str) -> str:
+    """`template` with its `{parameters}` filled from `params`, else `PATH_PARAMS`."""
+    values = {**PATH_PARAMS, **params}
+    return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)
 
 
 def settings(store: Path, **overrides: Any) -> Settings:

@@ -4,15 +4,12 @@ without a credential, except the open ones listed here by hand (a new route is g
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
-import fastapi.routing
 import pytest
 from delta_builders import build_delta
 from fastapi.testclient import TestClient
-from http_helpers import ADMIN, served
-from starlette.routing import BaseRoute
+from http_helpers import ADMIN, call_route, endpoints, served
 
 READER = {"Authorization": "Bearer reader"}
 
@@ -32,28 +29,6 @@ OPEN = {
     ("GET", "/redoc"),
     ("HEAD", "/redoc"),
 }
-# Path parameters filled so that a request which got past auth would find something (200, not 404).
-PARAMS = {"name": "seq", "version": "1", "file": "dashboard.js"}
-
-
-def endpoints(routes: list[BaseRoute]) -> Iterator[tuple[str, str]]:
-    """(method, path template) of every route, the included routers' too.
-
-    FastAPI 0.165 keeps an included router as one lazy entry of `app.routes`, which
-    `iter_route_contexts` (what its OpenAPI generator walks) flattens; earlier versions copy the routes in.
-    """
-    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
-    for route in flatten(routes) if flatten is not None else routes:
-        for method in sorted(getattr(route, "methods", None) or ()):
-            yield method, route.path
-
-
-def call(client: TestClient, method: str, template: str, headers: dict[str, str] | None = None):
-    path = re.sub(r"\{(\w+)\}", lambda m: PARAMS[m.group(1)], template)
-    body = {"json": {"inputs": "hi"}} if method == "POST" else {"content": b"x"} if method == "PUT" else {}
-    return client.request(method, path, headers=headers or {}, **body)
-
-
 @pytest.fixture
 def guarded(tiny_backbone, tmp_path) -> Iterator[TestClient]:
     """A server with an API key and an admin token, holding task `seq`."""
@@ -71,27 +46,27 @@ def test_every_route_but_the_open_ones_refuses_a_missing_or_wrong_credential(gua
         details = set()
         for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic cmVhZGVy"},
                         {"Authorization": "reader"}):
-            response = call(guarded, method, template, headers)
+            response = call_route(guarded, method, template, headers)
             assert response.status_code == 401, (method, template, headers, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
             details.add(response.text)
         assert len(details) == 1, (method, template, details)  # the same answer, whatever was wrong
     for method, template in sorted(OPEN):
-        assert call(guarded, method, template).status_code == 200, (method, template)
+        assert call_route(guarded, method, template).status_code == 200, (method, template)
 
 
 def test_the_admin_token_passes_every_guarded_route(guarded):
     for method, template in sorted(set(endpoints(guarded.app.routes)) - OPEN):
         if method in ("PUT", "DELETE"):
             continue  # they would replace or delete `seq`; test_http_errors covers them
-        response = call(guarded, method, template, ADMIN)
+        response = call_route(guarded, method, template, ADMIN)
         assert response.status_code != 401, (method, template, response.text)
 
 
 def test_the_reader_key_reads_and_predicts_on_every_protocol_but_cannot_write(guarded):
     for method, path in (("POST", "/tasks/seq/predict"), ("POST", "/models/seq"), ("GET", "/v2/models/seq"),
                          ("GET", "/metrics"), ("GET", "/tasks")):
-        assert call(guarded, method, path, READER).status_code == 200, path
+        assert call_route(guarded, method, path, READER).status_code == 200, path
     infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
     assert guarded.post("/v2/models/seq/infer", json=infer, headers=READER).status_code == 200
     assert guarded.post("/v2/models/seq/infer", json=infer).status_code == 401
@@ -102,7 +77,7 @@ def test_the_reader_key_reads_and_predicts_on_every_protocol_but_cannot_write(gu
 def test_openapi_declares_the_bearer_scheme_on_the_guarded_operations(guarded):
     schema = guarded.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer", "description": "the admin token or the API key"}
+        "type": "http", "scheme": "bearer", "description": "the admin token, the API key, or a tenant's key"}
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             is_open = (method.upper(), path) in OPEN
@@ -115,4 +90,4 @@ def test_without_an_api_key_reading_stays_open_and_writing_needs_the_admin_token
         assert client.put("/tasks/seq", content=build_delta(tiny_backbone), headers=ADMIN).status_code == 201
         for method, path in (("GET", "/tasks"), ("POST", "/models/seq"), ("GET", "/v2/models/seq"),
                              ("GET", "/metrics")):
-            assert call(client, method, path).status_code == 200, path
+            assert call_route(client, method, path).status_code == 200, path

@@ -1,6 +1,7 @@
 """The dashboard at `/` in a real Chromium (Selenium driving Debian's chromium-driver) against a real
-uvicorn server on a tiny backbone: it loads with no console error, its memory figures are /memory's,
-a try-it prediction shows what the API answers, and an upload through its form lands in the table.
+uvicorn server on a tiny backbone with a tenants file: it asks for a key, then shows that tenant's tasks
+only; its memory figures are /memory's, a try-it prediction shows what the API answers, an upload through
+its form lands in the table, and with the admin token it shows everything and the live figures.
 
 One browser session for the whole walk-through: starting Chromium is the slow part.
 """
@@ -18,6 +19,7 @@ from delta_builders import NER_LABELS, build_delta
 from http_helpers import ADMIN, live_server, settings
 
 from server.app import create_app
+from server.tenants import key_hash
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -29,21 +31,28 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
                                        "chromium-driver)")
 
+ACME = {"Authorization": "Bearer acme-key"}
 MEMORY_KEYS = ("backbone_bytes", "num_tasks", "delta_bytes_total", "serving_bytes", "finetuned_copies_bytes",
                "saved_bytes", "saved_fraction", "resident_delta_bytes")
 
 
 @pytest.fixture(scope="module")
 def live(tokenizer, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """A real uvicorn server in a thread, with a sentiment task and an NER task installed."""
+    """A real uvicorn server in a thread with two tenants: acme owns a sentiment task and an NER task,
+    beta one task of its own."""
     backbone = make_tiny_backbone(tokenizer)
     folder = tmp_path_factory.mktemp("dashboard")
-    app = create_app(settings(folder / "store", api_key="reader"), backbone=backbone)
+    tenants = folder / "tenants.toml"
+    tenants.write_text(f'[tenants.acme]\nkeys = ["sha256:{key_hash("acme-key")}"]\n\n'
+                       f'[tenants.beta]\nkeys = ["sha256:{key_hash("beta-key")}"]\n')
+    app = create_app(settings(folder / "store", tenants_file=tenants), backbone=backbone)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30, headers=ADMIN) as client:
         for name, data in {"sentiment": build_delta(backbone, parts=("lora", "keep")),
                            "ner": build_delta(backbone, task_type="token-classification", labels=NER_LABELS,
                                               method="mask", parts=("keep",), seed=3)}.items():
-            assert client.put(f"/tasks/{name}", content=data, headers=ADMIN).status_code == 201
+            assert client.put(f"/tasks/{name}", content=data, headers=ACME).status_code == 201
+        beta = build_delta(backbone, seed=9)
+        assert client.put("/tasks/beta-only", content=beta, headers={"Authorization": "Bearer beta-key"}).is_success
         upload = folder / "uploaded.safetensors"
         upload.write_bytes(build_delta(backbone, labels=("no", "maybe", "yes"), method="lora", seed=7))
         yield {"url": url, "client": client, "upload": upload, "folder": folder}
@@ -108,16 +117,17 @@ def check_memory(driver: Any, memory: dict[str, Any]) -> None:
 def test_dashboard_in_chromium(live, browser):
     client: httpx.Client = live["client"]
     browser.get(live["url"] + "/")
-    # The server asks for a key: the page says so, then shows everything once the key is typed in.
+    # The server asks for a key: the page says so, then shows the tenant's tasks once its key is typed in.
     WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "key-status").text.startswith("401"))
     assert browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr") == []
-    use_key(browser, "reader")
+    use_key(browser, "acme-key")
     wait_for(browser, "body[data-loaded=true]")
     assert browser.find_element(By.ID, "key-status").text == ""
     assert all(" 401 " in message for message in severe(browser))  # Chromium logs the refused requests
 
-    # The tasks table is /tasks.
-    tasks = client.get("/tasks").json()["tasks"]
+    # The tasks table is the tenant's /tasks: beta's task is not there.
+    tasks = client.get("/tasks", headers=ACME).json()["tasks"]
+    assert [t["name"] for t in tasks] == ["ner", "sentiment"]
     rows = browser.find_elements(By.CSS_SELECTOR, "#tasks tbody tr")
     assert [r.get_attribute("data-task") for r in rows] == [t["name"] for t in tasks]
     for row, task in zip(rows, tasks, strict=True):
@@ -125,7 +135,7 @@ def test_dashboard_in_chromium(live, browser):
         assert cells == [task["name"], task["method"], task["task_type"], str(task["version"]),
                          f"{task['delta_bytes']:,}", ", ".join(task["labels"])]
 
-    check_memory(browser, client.get("/memory").json())
+    check_memory(browser, client.get("/memory", headers=ACME).json())
 
     # Try it: sequence classification shows the API's label and its scores as bars.
     card = browser.find_element(By.CSS_SELECTOR, ".try[data-task=sentiment]")
@@ -156,19 +166,24 @@ def test_dashboard_in_chromium(live, browser):
     assert shown[0] == [[e["label"], text[e["start"]:e["end"]]] for e in entities]
     assert shown[1] == text  # the whole text, nothing lost around the marks
 
-    # Upload through the form, with the key typed in the header: the new task appears in the table, and the
+    # Upload through the form, with the tenant's key: the new task is acme's, appears in the table, and the
     # memory card follows.
-    use_key(browser, "s3cret")
     browser.find_element(By.ID, "upload-name").send_keys("uploaded")
     browser.find_element(By.ID, "upload-file").send_keys(str(live["upload"]))
     browser.find_element(By.ID, "upload-submit").click()
     wait_for(browser, "#tasks tbody tr[data-task=uploaded]")
     assert "uploaded: version 1 stored" in browser.find_element(By.ID, "upload-result").text
     info = client.get("/tasks/uploaded").json()
-    assert info["labels"] == ["no", "maybe", "yes"] and info["version"] == 1
+    assert info["labels"] == ["no", "maybe", "yes"] and info["version"] == 1 and info["owner"] == "acme"
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "mem-num_tasks").text == "3")
-    check_memory(browser, client.get("/memory").json())
+    check_memory(browser, client.get("/memory", headers=ACME).json())
     wait_for(browser, ".try[data-task=uploaded]")
+
+    # /metrics is the operator's: with the admin token the page shows every tenant's tasks and the live figures.
+    assert all(" 401 " in message and "metrics" in message for message in severe(browser))
+    use_key(browser, "s3cret")
+    wait_for(browser, "#tasks tbody tr[data-task=beta-only]")
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "mem-num_tasks").text == "4")
 
     # Live figures: two polls of /metrics give rates; the predictions above went through the engine.
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live-rps").text != "–")

@@ -23,7 +23,15 @@ import pytest
 from delta_builders import build_delta
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import LocalDeltaStore, StoreCorrupt, TaskNotFound, open_store
+from adapters_store.storage import (
+    LocalDeltaStore,
+    NameTaken,
+    Quota,
+    QuotaExceeded,
+    StoreCorrupt,
+    TaskNotFound,
+    open_store,
+)
 
 TESTS = Path(__file__).resolve().parent
 BUCKET = "deltaserve-tests"
@@ -242,3 +250,28 @@ def test_unreachable_s3_is_a_clear_503(tiny_backbone, monkeypatch):
     with pytest.raises(StoreUnavailable, match="the S3 request failed"):
         open_store("s3://nowhere/store", tiny_backbone.spec(), client=client)
     assert status_of(StoreUnavailable("the S3 request failed")) == (503, {"Retry-After": "5"})
+
+
+def test_ownership_and_quotas_live_in_the_manifest(backend, tiny_backbone):
+    """A tenant's task is recorded as its own in the manifest, so every replica (and a restart) enforces the
+    same: another tenant's write is NameTaken and its delete absent, the operator's replace keeps the owner,
+    and a quota refuses before anything is written."""
+    store = backend.open()
+    first = build_delta(tiny_backbone, seed=1)
+    info, _ = store.put("acme-task", first, "acme")
+    assert info.owner == "acme"
+    replica = backend.open()
+    assert replica.get_info("acme-task").owner == "acme"
+    before = backend.raw()
+    with pytest.raises(NameTaken):
+        replica.put("acme-task", build_delta(tiny_backbone, seed=2), "beta")
+    with pytest.raises(TaskNotFound):
+        replica.delete("acme-task", "beta")
+    assert backend.raw() == before
+    assert replica.put("acme-task", build_delta(tiny_backbone, seed=3))[0].owner == "acme"  # the operator
+    with pytest.raises(QuotaExceeded, match="max_tasks"):
+        store.put("second", first, "acme", Quota(max_tasks=1))
+    with pytest.raises(QuotaExceeded, match="max_delta_bytes"):
+        store.put("acme-task", first, "acme", Quota(max_delta_bytes=len(first) - 1))
+    assert [(t.name, t.owner, t.version) for t in backend.open().list()] == [("acme-task", "acme", 2)]
+    assert store.delete("acme-task", "acme").owner == "acme"

@@ -6,33 +6,31 @@ tests/test_auth.py walks `app.routes` to keep it so. FastAPI's `HTTPBearer` read
 puts the bearer scheme in the OpenAPI schema.
 
 Credentials: the admin token (`--admin-token`, the operator's: everything), the API key
-(`--api-key`: read and predict everything). Without an API key, reading and predicting stay open;
-without an admin token, so do uploads and deletes. Every refusal says the same sentence for a
-missing, malformed or unknown credential: nothing tells a client what exists.
+(`--api-key`: read and predict everything), a tenant's key (`--tenants-file`: its own tasks only).
+Without an API key or tenants, reading and predicting stay open; without an admin token or tenants,
+so do uploads and deletes. Every refusal says the same sentence for a missing, malformed or unknown
+credential (nothing tells a client what exists), and goes to the audit log.
+
+Tenants' tasks: `Authenticated` also answers a route's `{name}` path parameter that names another
+tenant's task as absent (404), for every route, those added later included; writes are checked
+again by the store, atomically with the write (`Server.put_task`, `Server.delete_task`).
 """
 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from adapters_store.storage import TaskNotFound
+from server.service import Server
 from server.settings import Settings
+from server.tenants import Caller, key_hash
 
-Role = Literal["admin", "reader", "anonymous"]
-
-bearer = HTTPBearer(auto_error=False, description="the admin token or the API key")
-
-
-@dataclass(frozen=True)
-class Caller:
-    """The authenticated caller of one request."""
-
-    role: Role
+bearer = HTTPBearer(auto_error=False, description="the admin token, the API key, or a tenant's key")
 
 
 def _matches(given: str, token: str | None) -> bool:
@@ -40,7 +38,16 @@ def _matches(given: str, token: str | None) -> bool:
     return token is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
-def unauthorized(what: str) -> HTTPException:
+def route_of(request: Request) -> str:
+    """`METHOD /route/{template}` of the request, for the audit log."""
+    return f"{request.method} {getattr(request.scope.get('route'), 'path', request.url.path)}"
+
+
+def refuse(request: Request, caller: Caller | None, what: str) -> HTTPException:
+    """The 401 for a credential that does not open this route, audited."""
+    server: Server = request.app.state.server
+    server.audit.record(caller, route_of(request), f"401 refused credential (needs the {what})",
+                        request.path_params.get("name"))
     return HTTPException(401, f"this route needs 'Authorization: Bearer <{what}>'",
                          headers={"WWW-Authenticate": "Bearer"})
 
@@ -49,17 +56,35 @@ def authenticate(request: Request,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Caller:
     """The caller, or 401 where this server asks a credential of every protected route."""
     settings: Settings = request.app.state.settings
+    server: Server = request.app.state.server
+    tenants = server.tenants.current if server.tenants is not None else None
     given = credentials.credentials.strip() if credentials is not None else None
-    if given is not None:
-        # Both compared, whatever the first gives: which one matched must not show in the timing either.
+    caller = None
+    if given:
+        key_id = key_hash(given)[:8]
+        # All compared, whatever the first gives: which one matched must not show in the timing either.
         admin, reader = _matches(given, settings.admin_token), _matches(given, settings.api_key)
+        tenant = tenants.find(given) if tenants is not None else None
         if admin:
-            return Caller("admin")
-        if reader:
-            return Caller("reader")
-    if settings.api_key is not None:
-        raise unauthorized("API key")
-    return Caller("anonymous")
+            caller = Caller("admin", key_id=key_id)
+        elif reader:
+            caller = Caller("reader", key_id=key_id)
+        elif tenant is not None:
+            caller = Caller("tenant", tenant.name, key_id)
+        else:
+            caller = Caller("anonymous", key_id=key_id)  # a wrong key: as good as none
+    if caller is None or caller.role == "anonymous":
+        if tenants is not None:
+            raise refuse(request, caller, "key")
+        if settings.api_key is not None:
+            raise refuse(request, caller, "API key")
+        return Caller("anonymous")
+    name = request.path_params.get("name")
+    if name and caller.owner is not None and request.method not in ("PUT", "DELETE"):
+        info = server.store.get_info(name)
+        if info is not None and info.owner != caller.owner:
+            raise TaskNotFound(name)  # another tenant's task: as if absent
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
@@ -67,10 +92,22 @@ Authenticated = Security(authenticate)  # for `dependencies=[...]` of a router o
 
 
 def require_writer(request: Request, caller: CallerDep) -> None:
-    """Uploads and deletes: the admin token (none configured: anyone who got past `authenticate`)."""
+    """Uploads and deletes: the admin token or a tenant's key (no admin token nor tenants: anyone)."""
     settings: Settings = request.app.state.settings
-    if settings.admin_token is not None and caller.role != "admin":
-        raise unauthorized("admin token")
+    server: Server = request.app.state.server
+    if server.tenants is not None:
+        if caller.role not in ("admin", "tenant"):
+            raise refuse(request, caller, "key")
+    elif settings.admin_token is not None and caller.role != "admin":
+        raise refuse(request, caller, "admin token")
+
+
+def require_operator(request: Request, caller: CallerDep) -> None:
+    """Routes that name every tenant's tasks (`/metrics`): with tenants, the admin token only."""
+    server: Server = request.app.state.server
+    if server.tenants is not None and caller.role != "admin":
+        raise refuse(request, caller, "admin token")
 
 
 WriterDep = Depends(require_writer)
+OperatorDep = Depends(require_operator)

@@ -18,7 +18,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import DeltaTooLarge, InvalidTaskName, StoreCorrupt, StoreUnavailable, TaskNotFound
+from adapters_store.storage import (
+    DeltaTooLarge,
+    InvalidTaskName,
+    NameTaken,
+    QuotaExceeded,
+    StoreCorrupt,
+    StoreUnavailable,
+    TaskNotFound,
+)
 from server.backbone import InvalidText
 from server.batching import Overloaded, ShuttingDown
 from server.postprocess import UnsupportedInput
@@ -30,6 +38,8 @@ log = logging.getLogger("deltaserve")
 # Domain exception -> status; the body is the exception's own sentence.
 STATUS: dict[type[Exception], int] = {
     TaskNotFound: 404,
+    NameTaken: 409,
+    QuotaExceeded: 403,
     InvalidTaskName: 422,
     BackboneMismatch: 409,
     InvalidDelta: 422,

@@ -25,7 +25,7 @@ TASK_INFO = {
     "delta_bytes": 909256, "created_at": "2026-11-30T10:12:03.123Z", "method": "mask",
     "task_type": "sequence-classification", "labels": ["negative", "positive"], "description": "",
     "problem_type": "single_label", "max_length": 64, "word_piece": "first", "backbone_fingerprint": FINGERPRINT,
-    "head_bytes": 3080, "bytes_by_part": {"KeepMask": 903168, "TaskHead": 3080},
+    "head_bytes": 3080, "bytes_by_part": {"KeepMask": 903168, "TaskHead": 3080}, "owner": None,
 }
 
 SEQUENCE_ANSWER = {"task": "sst2-mask", "version": 1, "predictions": [
@@ -60,6 +60,7 @@ MEMORY = {
     "resident": [{"name": "sst2-dsee", "version": 1, "bytes": 1540720},
                  {"name": "sst2-mask", "version": 1, "bytes": 906092}],
     "replica": None,
+    "tenants": None,
 }
 
 BACKBONE = {
@@ -194,6 +195,7 @@ DESCRIPTIONS = {
 ERRORS = {
     "400": "unknown input 'sentence': this model takes 'text' (and 'text_pair')",
     "401": "this route needs 'Authorization: Bearer <admin token>'",
+    "403": "tenant 'acme' has 20 tasks; its max_tasks quota is 20; nothing was stored",
     "404": "task 'sst2' not found",
     "409": f"backbone_fingerprint: delta was made for backbone 'sha256:0a1b…'; this server runs '{FINGERPRINT}'",
     "413": "70 inputs in one request; the limit is 64",

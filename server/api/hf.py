@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from adapters_store.storage import TaskInfo
+from server.api.auth import CallerDep
 from server.api.deps import ServerDep, TaskName
 from server.backbone import TextInput
 from server.postprocess import Prediction, UnsupportedInput
@@ -85,15 +86,15 @@ class TokenEntity(BaseModel):
 
 # Examples (request and answers) are in server/api/examples.py with the others.
 HF_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": dict[str, str]} for code in (400, 404, 409, 413, 429, 503)
+    code: {"model": dict[str, str]} for code in (400, 401, 403, 404, 409, 413, 429, 503)
 }
 
 
 @router.post("/models/{name}", response_model=list[list[LabelScore]] | list[TokenEntity] | list[list[TokenEntity]],
              responses=HF_RESPONSES, summary="Hugging Face Inference API (text and token classification)")
-async def hf_inference(body: HfRequest, server: ServerDep, name: TaskName) -> Response:
+async def hf_inference(body: HfRequest, server: ServerDep, name: TaskName, caller: CallerDep) -> Response:
     """`InferenceClient(model=".../models/<task>").text_classification(...)` or `.token_classification(...)`."""
-    info = server.task(name)
+    info = server.task(name, caller)
     single = not isinstance(body.inputs, list)
     items = [body.inputs] if single else list(body.inputs)
     inputs: list[TextInput] = [(i.text, i.text_pair) if isinstance(i, TextPair) else i for i in items]
@@ -106,11 +107,11 @@ async def hf_inference(body: HfRequest, server: ServerDep, name: TaskName) -> Re
         if strategy in ("average", "max"):
             raise UnsupportedInput(f"aggregation_strategy {strategy!r} is not supported: this server labels each "
                                    "word from one sub-token; use 'simple', 'first' or 'none'")
-        _, answer = await server.predict(name, inputs, params.stride)
+        _, answer = await server.predict(name, inputs, params.stride, caller)
         ignore = set(params.ignore_labels if params.ignore_labels is not None else ["O"])
         tokens = [_token_answer(p, strategy, ignore) for p in answer.predictions]
         return JSONResponse(tokens[0] if single else tokens)
-    _, answer = await server.predict(name, inputs)
+    _, answer = await server.predict(name, inputs, caller=caller)
     labels = [_label_scores(p, info, params) for p in answer.predictions]
     return JSONResponse(labels)  # one inner list per input, for a single text too (as the pipeline answers)
 

@@ -28,9 +28,11 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from adapters_store.storage import TaskInfo
+from server.api.auth import CallerDep
 from server.api.deps import ServerDep, TaskName
 from server.backbone import TextInput
 from server.service import Server
+from server.tenants import OPERATOR, Caller
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 # The live and ready probes are open: an orchestrator probing them has no key.
@@ -97,7 +99,9 @@ class OipError(BaseModel):
     error: str
 
 
-OIP_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OipError} for code in (400, 404, 409, 413, 429, 503)}
+OIP_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OipError} for code in (400, 401, 403, 404, 409, 413, 429, 503)
+}
 
 
 def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -145,8 +149,8 @@ async def ready(_server: ServerDep) -> dict[str, bool]:
     return {"ready": True}
 
 
-def _model(server: Server, name: str, version: str | None) -> TaskInfo:
-    info = server.task(name)
+def _model(server: Server, name: str, version: str | None, caller: Caller = OPERATOR) -> TaskInfo:
+    info = server.task(name, caller)
     if version is not None and version != str(info.version):
         raise HTTPException(404, f"task {name!r} serves version {info.version} only, not {version!r}")
     return info
@@ -206,24 +210,25 @@ async def model_version_ready(server: ServerDep, name: TaskName, version: str) -
 
 @router.post("/models/{name}/infer", response_model=InferResponse, responses=OIP_ERRORS,
              openapi_extra=INFER_BODY, summary="Model infer")
-async def infer(request: Request, server: ServerDep, name: TaskName,
+async def infer(request: Request, server: ServerDep, name: TaskName, caller: CallerDep,
                 header_length: Annotated[int | None, Header(alias=HEADER_LENGTH)] = None) -> Response:
     """Inputs `text` (and `text_pair`) as BYTES; outputs by task type (see `GET /v2/models/{name}`)."""
-    return await _infer(server, name, None, await request.body(), header_length)
+    return await _infer(server, caller, name, None, await request.body(), header_length)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, responses=OIP_ERRORS,
              openapi_extra=INFER_BODY, summary="Model infer (one version)")
-async def infer_version(request: Request, server: ServerDep, name: TaskName, version: str,
+async def infer_version(request: Request, server: ServerDep, name: TaskName, version: str, caller: CallerDep,
                         header_length: Annotated[int | None, Header(alias=HEADER_LENGTH)] = None) -> Response:
-    return await _infer(server, name, version, await request.body(), header_length)
+    return await _infer(server, caller, name, version, await request.body(), header_length)
 
 
-async def _infer(server: Server, name: str, version: str | None, body: bytes, header_length: int | None) -> Response:
-    info = _model(server, name, version)
+async def _infer(server: Server, caller: Caller, name: str, version: str | None, body: bytes,
+                 header_length: int | None) -> Response:
+    info = _model(server, name, version, caller)
     request, binary = _parse(body, header_length)
     inputs = _texts(request, binary, info)
-    _, answer = await server.predict(name, inputs)
+    _, answer = await server.predict(name, inputs, caller=caller)
     if version is not None and str(answer.version) != version:  # replaced while queued
         raise HTTPException(409, f"task {name!r} was replaced by version {answer.version} while this request waited")
     outputs = _output_tensors(info, answer.predictions)

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from server.api.auth import CallerDep, OperatorDep
 from server.api.deps import ServerDep
 from server.api.schemas import MemoryReport
 from server.metrics import Metrics
@@ -22,8 +23,9 @@ async def backbone_info(server: ServerDep) -> dict[str, Any]:
 
 
 @router.get("/memory", response_model=MemoryReport)
-async def memory(server: ServerDep) -> Response:
-    return JSONResponse(server.memory())
+async def memory(server: ServerDep, caller: CallerDep) -> Response:
+    """A tenant sees its own tasks and usage; the operator everything, with every tenant's usage."""
+    return JSONResponse(server.memory(caller))
 
 
 @probes.get("/health")
@@ -32,7 +34,7 @@ async def health(server: ServerDep) -> dict[str, Any]:
             "queue_depth": server.batcher.depth}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[OperatorDep])  # it names every tenant's tasks
 async def metrics(server: ServerDep) -> Response:
     server.metrics.tasks.set(len(server.store.list()))
     return Response(server.metrics.render(), media_type=Metrics.CONTENT_TYPE)

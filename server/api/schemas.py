@@ -112,6 +112,15 @@ class ResidentDelta(BaseModel):
     bytes: int
 
 
+class TenantUsage(BaseModel):
+    name: str
+    tasks: int
+    delta_bytes: int
+    max_tasks: int | None
+    max_delta_bytes: int | None
+    weight: float
+
+
 class MemoryReport(BaseModel):
     backbone_bytes: int
     num_tasks: int
@@ -125,6 +134,8 @@ class MemoryReport(BaseModel):
     resident: list[ResidentDelta] = Field(default_factory=list,
                                           description="the prepared deltas this process (replica) holds now")
     replica: str | None = Field(None, description="which replica answered (Ray Serve), else null")
+    tenants: list[TenantUsage] | None = Field(None, description="with --tenants-file: the caller's usage and "
+                                                               "quotas (the operator: every tenant's), else null")
 
 
 class ErrorBody(BaseModel):
@@ -132,7 +143,7 @@ class ErrorBody(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 UPLOAD_BODY = {

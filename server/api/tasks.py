@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_store.storage import DeltaTooLarge, TaskInfo, check_name
-from server.api.auth import WriterDep
+from server.api.auth import CallerDep, WriterDep, route_of
 from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep, TaskName
 from server.api.schemas import ERRORS, UPLOAD_BODY, PredictRequest, PredictResponse, TaskList
@@ -21,40 +20,38 @@ router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/tasks/{name}/predict", response_model=PredictResponse, responses=ERRORS, tags=["serving"])
-async def predict(body: PredictRequest, server: ServerDep, name: TaskName) -> Response:
+async def predict(body: PredictRequest, server: ServerDep, name: TaskName, caller: CallerDep) -> Response:
     """Answer one text, a list of texts, or a list of pairs with the task's current version."""
-    _, answer = await server.predict(name, body.as_list())
+    _, answer = await server.predict(name, body.as_list(), caller=caller)
     return JSONResponse({"task": name, "version": answer.version, "predictions": answer.predictions})
 
 
 @router.get("/tasks", response_model=TaskList, tags=["tasks"], responses=ERRORS)
-async def list_tasks(server: ServerDep) -> Response:
-    return JSONResponse({"tasks": [info.to_dict() for info in server.store.list()]})
+async def list_tasks(server: ServerDep, caller: CallerDep) -> Response:
+    """The tasks the caller may see: a tenant's own, or all."""
+    return JSONResponse({"tasks": [info.to_dict() for info in server.tasks(caller)]})
 
 
 @router.get("/tasks/{name}", response_model=TaskInfo, responses=ERRORS, tags=["tasks"])
-async def get_task(server: ServerDep, name: TaskName) -> Response:
-    return JSONResponse(server.task(name).to_dict())
+async def get_task(server: ServerDep, name: TaskName, caller: CallerDep) -> Response:
+    return JSONResponse(server.task(name, caller).to_dict())
 
 
 @router.put("/tasks/{name}", response_model=TaskInfo, status_code=201, responses=ERRORS, tags=["tasks"],
             dependencies=[WriterDep], openapi_extra=UPLOAD_BODY)
-async def put_task(request: Request, server: ServerDep, name: TaskName) -> Response:
-    """Upload a delta (raw body or multipart field `file`): 201 created, 200 replaced."""
+async def put_task(request: Request, server: ServerDep, name: TaskName, caller: CallerDep) -> Response:
+    """Upload a delta (raw body or multipart field `file`): 201 created, 200 replaced; 409 when the name is
+    another tenant's, 403 past the tenant's quota."""
     check_name(name)
+    server.check_put(name, caller, route_of(request))
     data = await read_upload(request, server.settings.max_upload_bytes)
-    info, created = await run_in_threadpool(server.store.put, name, data)
-    server.cache.discard_task(name)  # old versions will never be asked for again
-    server.metrics.tasks.set(len(server.store.list()))
+    info, created = await server.put_task(name, data, caller, route_of(request))
     return JSONResponse(info.to_dict(), status_code=201 if created else 200)
 
 
 @router.delete("/tasks/{name}", status_code=204, responses=ERRORS, tags=["tasks"], dependencies=[WriterDep])
-async def delete_task(server: ServerDep, name: TaskName) -> Response:
-    check_name(name)
-    await run_in_threadpool(server.store.delete, name)
-    server.cache.discard_task(name)
-    server.metrics.tasks.set(len(server.store.list()))
+async def delete_task(request: Request, server: ServerDep, name: TaskName, caller: CallerDep) -> Response:
+    await server.delete_task(name, caller, route_of(request))
     return Response(status_code=204)
 
 
