@@ -1,6 +1,6 @@
 """The task-delta file (`task-delta/1`): parse, validate, write, and count bytes.
 
-One safetensors file per task (see ../shared/spec/task-delta.md). `parse_delta` is the
+One safetensors file per task (see docs/delta-format.md). `parse_delta` is the
 only way in: it checks every rule of the spec against a `BackboneSpec` and either returns
 a fully typed `TaskDelta` or raises `InvalidDelta` naming the offending key, so nothing
 half-valid ever reaches the store or the engine.

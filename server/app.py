@@ -1,4 +1,4 @@
-"""The HTTP API of ../shared/spec/http-api.md, on FastAPI: `create_app(settings)` assembles it.
+"""The HTTP API (docs/http-api.md, docs/protocols.md), on FastAPI: `create_app(settings)` assembles it.
 
 The service (`server.service.Server`: backbone, store, engine, cache, batcher) is built at startup
 and closed at shutdown, after the batcher has finished every request it accepted. The routes
@@ -28,6 +28,7 @@ from server.api.middleware import (
     InternalErrorMiddleware,
     MethodsMiddleware,
     MetricsMiddleware,
+    RequestIdMiddleware,
 )
 from server.backbone import Backbone
 from server.service import Server
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, max_count=settings.max_headers)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a refusal too, carries the id
     # Every router but the open ones needs a credential, given here once for all their routes, so that
     # no route can forget it (tests/test_auth.py walks app.routes to keep it so).
     for router in PROTECTED_ROUTERS:

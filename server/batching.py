@@ -103,6 +103,9 @@ class Job:
     delta: PreparedDelta | Exception | None = None
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     queued: int = 0  # rows still waiting for a batch
+    # Where the request's time went (metrics: deltaserve_<stage>_seconds), filled in by the pipeline.
+    enqueued_at: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -406,13 +409,16 @@ class Batcher:
     async def predict(self, task: str, inputs: list[TextInput], max_length: int) -> Answer:
         """Admit (or refuse at once), tokenise, queue, and wait for the answer."""
         self._admit(len(inputs))
+        began = time.perf_counter()
         try:
             encoded = await self.runner.tokenizer.encode(inputs, max_length)
         except BaseException:
             self._leave(1, len(inputs))
             raise
         self._waiting_rows += len(encoded) - len(inputs)
-        return await self._enqueue(Job(task, inputs, encoded, max_length))
+        job = Job(task, inputs, encoded, max_length)
+        job.stage_seconds["tokenize"] = time.perf_counter() - began
+        return await self._enqueue(job)
 
     async def submit(self, job: Job) -> Answer:
         """Queue an already tokenised job (admission as for `predict`)."""
@@ -471,6 +477,7 @@ class Batcher:
 
     async def _enqueue(self, job: Job) -> Answer:
         job.queued = job.rows
+        job.enqueued_at = time.perf_counter()
         self._pending.extend(job.items())  # admitted before any close began: it is answered
         self._arrived.set()
         job.future.add_done_callback(lambda future: future.cancelled() and self._abandoned(job))
@@ -579,6 +586,9 @@ class Batcher:
         for job in {id(i.job): i.job for i in self._pending if i.job.future.done()}.values():
             self._drop(job)  # cancelled, its callback not yet run
         batch = form_batch(self._pending, self.max_batch_tokens, self.max_batch_rows)
+        now = time.perf_counter()
+        for item in batch:
+            item.job.stage_seconds.setdefault("queue", now - item.job.enqueued_at)
         chosen = {id(i) for i in batch}
         self._pending = [i for i in self._pending if id(i) not in chosen]
         left = 0
@@ -604,7 +614,12 @@ class Batcher:
                     self.metrics.batch_seconds.observe(seconds)
                     self.metrics.batch_tokens.inc(sum(i.tokens for i in prepared.items))
                     self.metrics.batch_padded_tokens.inc(padded_tokens(prepared.items))
+                finishing = time.perf_counter()
                 outcomes = await loop.run_in_executor(self._post_pool, self.runner.finish, prepared, outputs)
+                post_seconds = time.perf_counter() - finishing
+                for job in {id(i.job): i.job for i in prepared.items}.values():
+                    job.stage_seconds["inference"] = job.stage_seconds.get("inference", 0.0) + seconds
+                    job.stage_seconds["postprocess"] = job.stage_seconds.get("postprocess", 0.0) + post_seconds
             except Exception as err:  # a bug in the engine: every request of the batch gets it
                 log.exception("engine batch failed")
                 outcomes = [(job, err) for job in {id(i.job): i.job for i in prepared.items}.values()]
@@ -622,6 +637,12 @@ class Batcher:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+                self._observe_stages(job)
+
+    def _observe_stages(self, job: Job) -> None:
+        if self.metrics:
+            for stage, seconds in job.stage_seconds.items():
+                self.metrics.stage_seconds[stage].observe(seconds)
 
     def _observe_depth(self) -> None:
         if self.metrics:

@@ -31,7 +31,8 @@ from adapters_store.format import (
     parse_delta,
     read_metadata,
 )
-from server.extras import MissingExtra, check_settings
+from server.extras import MissingExtra, check_settings, package_version
+from server.logs import configure_logging
 from server.settings import ConfigFileError, Settings, unknown_variables
 from training.cli import add_parsers
 
@@ -78,16 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(commands)
     return parser
-
-
-def package_version() -> str:
-    """The installed distribution's version (pyproject.toml's), or "unknown" when run from a bare checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("deltaserve")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 # --------------------------------------------------------------------------- serve
@@ -150,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except MissingExtra as err:
         print(f"deltaserve serve: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn_log_config = configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("deltaserve")
     for problem in unknown_variables():
         log.warning(problem)
@@ -168,7 +159,8 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
         uvicorn.run(create_app(settings), **uvicorn_options(settings), log_level=settings.log_level,
-                    access_log=settings.access_log, timeout_graceful_shutdown=settings.shutdown_grace_s)
+                    log_config=uvicorn_log_config, access_log=settings.access_log,
+                    timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

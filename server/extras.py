@@ -1,4 +1,5 @@
-"""Optional features and the pip extras that bring their packages, so that a missing one is named, not traced.
+"""What is installed: the optional features' packages (and the pip extras that bring them, so that a missing one
+is named, not traced), and deltaserve's own release.
 
 A plain `pip install deltaserve` stays lean (issue 23): triton (~1 GB installed) only for `--backend
 triton`, boto3 only for `--store s3://...`, ray only for `--ray`. Using a feature without its package
@@ -8,6 +9,7 @@ from deep inside the start-up.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 from server.settings import Settings
@@ -29,6 +31,14 @@ def require(module: str, feature: str) -> None:
     if not is_installed(module):
         raise MissingExtra(f"{feature} needs the {module} package, which is not installed: "
                            f"pip install 'deltaserve[{EXTRA_OF_MODULE[module]}]'")
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "unknown" when run from a bare checkout."""
+    try:
+        return importlib.metadata.version("deltaserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def check_settings(settings: Settings) -> None:

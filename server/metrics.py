@@ -1,7 +1,10 @@
 """Prometheus metrics of one server instance, in its own registry (several apps may live in one process).
 
-Requests by task and status, latency, how many requests and rows each engine forward
-merged, the queue depth, and the delta cache read at scrape time.
+Requests by route, method, task and status, latency; where a predict request's time goes, stage by
+stage (tokenising, waiting in the queue, the engine's forwards, post-processing: TEI's breakdown), how
+many requests and rows each engine forward merged, the queue depth, the delta cache read at scrape
+time, and, as in the default registry, the process (resident memory, CPU, open files) and Python's
+garbage collector, plus a build-info gauge naming the release and what it runs on.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -24,6 +30,9 @@ from prometheus_client.registry import Collector
 disable_created_metrics()
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# The stages of one predict request start far below a millisecond (tokenising a short text).
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, *LATENCY_BUCKETS)
+STAGES = ("tokenize", "queue", "inference", "postprocess")
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -47,10 +56,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("deltaserve_requests", "HTTP requests answered", ["route", "task", "status"],
-                                registry=r)
-        self.latency = Histogram("deltaserve_request_seconds", "HTTP request latency", ["route"],
+        # The process and the garbage collector, which a private registry lacks unless registered (the soak
+        # watches process_resident_memory_bytes); the module's instances read this process's /proc.
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            r.register(collector)
+        self.build_info = Gauge("deltaserve_build_info", "always 1; the labels name the release and what it runs on",
+                                ["version", "python", "torch", "backend", "device", "dtype"], registry=r)
+        self.requests = Counter("deltaserve_requests", "HTTP requests answered",
+                                ["route", "method", "task", "status"], registry=r)
+        self.latency = Histogram("deltaserve_request_seconds", "HTTP request latency", ["route", "method"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        # Per predict request, summed over its rows' batches: where its time went.
+        self.stage_seconds = {
+            stage: Histogram(f"deltaserve_{stage}_seconds", text, buckets=STAGE_BUCKETS, registry=r)
+            for stage, text in (
+                ("tokenize", "a predict request's tokenising, waiting for the tokenizer thread included"),
+                ("queue", "a predict request's wait from being queued (tokenised) until its first row is in a batch"),
+                ("inference", "the engine forwards that ran a predict request's rows (seconds of each batch)"),
+                ("postprocess", "the post-processing (softmax, words, entities) of the batches of a predict request"),
+            )}
         self.batch_requests = Histogram("deltaserve_batch_requests", "requests merged into one engine forward",
                                         buckets=SIZE_BUCKETS, registry=r)
         self.batch_rows = Histogram("deltaserve_batch_rows", "inputs (rows) in one engine forward",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from server.backbone import Backbone, check_text
 from server.batching import Answer, Batcher, BatchRunner, Job, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
-from server.extras import check_settings
+from server.extras import check_settings, package_version
 from server.metrics import Metrics
 from server.postprocess import UnsupportedInput
 from server.settings import Settings
@@ -95,6 +96,8 @@ class Server:
             store.on_change(lambda names: [cache.discard_task(name) for name in names])
         metrics = Metrics()
         metrics.watch_cache(cache.stats)
+        metrics.build_info.labels(package_version(), platform.python_version(), torch.__version__, backbone.backend,
+                                  backbone.device.type, str(backbone.dtype).removeprefix("torch.")).set(1)
         tokenizer = Tokenizer(backbone)
         runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
         batcher = Batcher(runner, max_batch_tokens=settings.max_batch_tokens,

@@ -155,8 +155,9 @@ def test_memory_backbone_health_metrics_docs(tiny_backbone, tmp_path):
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
-        assert 'deltaserve_requests_total{route="/tasks/{name}/predict",status="200",task="a"} 1.0' in text
-        assert 'deltaserve_requests_total{route="/tasks/{name}/predict",status="404",task=""} 1.0' in text
+        predict = 'deltaserve_requests_total{method="POST",route="/tasks/{name}/predict"'
+        assert predict + ',status="200",task="a"} 1.0' in text
+        assert predict + ',status="404",task=""} 1.0' in text
         for name in ("deltaserve_request_seconds_bucket", "deltaserve_batch_requests_bucket", "deltaserve_queue_depth",
                      "deltaserve_cache_hits_total", "deltaserve_cache_evictions_total",
                      "deltaserve_cache_resident_bytes", "deltaserve_tasks 2.0"):

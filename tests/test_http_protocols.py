@@ -90,9 +90,11 @@ def test_head_keeps_the_connection(tiny_backbone, tmp_path, http):
             ports = {r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in (head, get)}
             assert len(ports) == 1 and (port is None or ports == {port}), "a HEAD closed the connection"
             port = ports.pop()
-        # HEAD runs on a copy of the scope; the metrics still see which route answered it.
-        assert 'deltaserve_requests_total{route="/tasks/{name}",status="200",task="t"} 40.0' in \
-            client.get("/metrics").text
+        # HEAD runs on a copy of the scope; the metrics still see which route answered it, and which method.
+        metrics = client.get("/metrics").text
+        for method in ("GET", "HEAD"):
+            series = f'{{method="{method}",route="/tasks/{{name}}",status="200",task="t"}}'
+            assert f"deltaserve_requests_total{series} 20.0" in metrics
 
 
 class FakeTransport:

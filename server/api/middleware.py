@@ -1,4 +1,5 @@
-"""ASGI middleware: request metrics by route, the body-size limit checked before anything parses a body,
+"""ASGI middleware: request ids (echoed, and in the logs), request metrics by route, the body-size limit checked
+before anything parses a body,
 the methods of a path (OPTIONS, HEAD, 405), and 500s answered without dropping the connection.
 
 Plain ASGI rather than `BaseHTTPMiddleware`: none needs the request object, and plain ASGI
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.routing import Match, Router
 
 from server.api.errors import error_response, handle
+from server.logs import REQUEST_ID_HEADER, request_id, request_id_from
 from server.service import Server
 
 Scope = MutableMapping[str, Any]
@@ -43,7 +45,8 @@ class HttpMiddleware:
 
 
 class MetricsMiddleware(HttpMiddleware):
-    """Counts every HTTP request by route template, task and status, and times it."""
+    """Counts every HTTP request by route template, method, task and status, and times it by route and method
+    (PUT and GET of /tasks/{name} were one series)."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -65,8 +68,10 @@ class MetricsMiddleware(HttpMiddleware):
             # Only known task names become label values: a client cannot grow the label set.
             task = name if name and server is not None and server.store.get_info(name) is not None else ""
             if server is not None:
-                server.metrics.requests.labels(path, task, str(status)).inc()
-                server.metrics.latency.labels(path).observe(time.perf_counter() - started)
+                # The method only where a route matched: a client cannot grow the label set with made-up ones.
+                method = scope["method"] if route is not None else ""
+                server.metrics.requests.labels(path, method, task, str(status)).inc()
+                server.metrics.latency.labels(path, method).observe(time.perf_counter() - started)
 
 
 class BodyLimitMiddleware(HttpMiddleware):
@@ -283,3 +288,23 @@ class MethodsMiddleware(HttpMiddleware):
         """Whether a route answers `method` on this path (routers included in the app too)."""
         probe = {**scope, "method": method}
         return any(route.matches(probe)[0] is Match.FULL for route in self.router.routes)
+
+
+class RequestIdMiddleware(HttpMiddleware):
+    """Gives every request an id (the client's `X-Request-Id` when usable, else a new one), sets it for the
+    logs of the request's task (server/logs.py) and echoes it in the answer's `X-Request-Id`."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = request_id_from(dict(scope["headers"]).get(REQUEST_ID_HEADER.encode()))
+        token = request_id.set(rid)
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)

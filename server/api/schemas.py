@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP API (../shared/spec/http-api.md): FastAPI builds the OpenAPI schema
+"""Request and response models of the HTTP API (docs/http-api.md): FastAPI builds the OpenAPI schema
 from these, so their descriptions and examples are the API's documentation."""
 
 from __future__ import annotations
