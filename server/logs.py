@@ -63,10 +63,11 @@ def configure_logging(level: str, log_format: str) -> dict[str, Any] | None:
     Text keeps uvicorn's own coloured set-up (its default, returned as such); JSON gives uvicorn none
     (`None`), so that its loggers propagate to the root logger and are written as JSON too.
     """
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    if not root.handlers:  # as logging.basicConfig: a host that set up logging (pytest, an embedder) keeps it
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+        root.addHandler(handler)
     root.setLevel(level.upper())
     if log_format == "json":
         # Progress bars are not log lines: a collector reading JSON would choke on them.
