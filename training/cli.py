@@ -26,10 +26,17 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                        "seeded --val-fraction of the training file)")
     train.add_argument("--val-fraction", type=float, default=0.1)
     train.add_argument("--max-val-examples", type=int, default=1000, help="cap on the carved validation split")
-    train.add_argument("--task-type", required=True, choices=("sequence-classification", "token-classification"))
+    train.add_argument("--task-type", required=True,
+                       choices=("sequence-classification", "token-classification", "embedding"),
+                       help="embedding: trains on text pairs that mean the same with an in-batch-negatives "
+                       "ranking loss; the label column is optional (see --positive-label)")
     train.add_argument("--text-column", help="name (or 0-based index) of the text column")
-    train.add_argument("--text-pair-column", help="second text of a pair")
+    train.add_argument("--text-pair-column", "--pair-column", dest="text_pair_column",
+                       help="second text of a pair")
     train.add_argument("--label-column")
+    train.add_argument("--positive-label", default="1",
+                       help="embedding: the label of a matching pair; only matching pairs train, and evaluation "
+                       "scores the others too (best-threshold F1)")
     train.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
     train.add_argument("--epochs", type=int, help="fixed budget (default: stop when the validation score has not "
                        "improved for the method's patience, under the method's cap)")
@@ -126,6 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs, patience=args.patience, warmup_ratio=args.warmup_ratio,
         device=args.device, precision=args.precision,
         text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
+        positive_label=args.positive_label,
         backbone=args.backbone, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, head_pooler=args.head_pooler, word_piece=args.word_piece,

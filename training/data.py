@@ -41,12 +41,23 @@ def read_examples(
     label_column: str | None = None,
 ) -> list[Example]:
     path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES and task_type == "token-classification":
+        return read_conll(path)
+    header, records = read_table(path)
+    return _from_records(records, header, task_type, text_column, pair_column, label_column, path)
+
+
+TABLE_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv")
+
+
+def read_table(path: str | Path) -> tuple[list[str], list[dict]]:
+    """(column names, one dict per row) of a .tsv, .csv or .jsonl file (rows of the wrong width skipped)."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows: list[dict] = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines()
                             if line.strip()]
-        return _from_records(rows, list(rows[0]) if rows else [], task_type, text_column, pair_column,
-                             label_column, path)
+        return (list(rows[0]) if rows else []), rows
     if suffix in (".tsv", ".csv"):
         with path.open(encoding="utf-8-sig", newline="") as handle:
             if suffix == ".tsv":
@@ -54,10 +65,7 @@ def read_examples(
             else:
                 reader = csv.reader(handle)
             header, *body = [row for row in reader if row]
-        records = [dict(zip(header, row, strict=False)) for row in body if len(row) == len(header)]
-        return _from_records(records, header, task_type, text_column, pair_column, label_column, path)
-    if task_type == "token-classification":
-        return read_conll(path)
+        return header, [dict(zip(header, row, strict=False)) for row in body if len(row) == len(header)]
     raise ValueError(f"{path}: unknown file type {suffix!r} (use .tsv, .csv, .jsonl, or CoNLL for token tasks)")
 
 
@@ -80,7 +88,7 @@ def read_conll(path: str | Path) -> list[Example]:
     return examples
 
 
-def _pick(header: Sequence[str], given: str | None, defaults: Sequence[str], what: str, path: Path,
+def pick_column(header: Sequence[str], given: str | None, defaults: Sequence[str], what: str, path: Path,
           required: bool = True) -> str | None:
     if given is not None:
         if given in header:
@@ -98,9 +106,9 @@ def _pick(header: Sequence[str], given: str | None, defaults: Sequence[str], wha
 
 def _from_records(rows: list[dict], header: Sequence[str], task_type: str, text_column: str | None,
                   pair_column: str | None, label_column: str | None, path: Path) -> list[Example]:
-    text_key = _pick(header, text_column, TEXT_COLUMNS, "text", path)
-    pair_key = _pick(header, pair_column, PAIR_COLUMNS, "text-pair", path, required=False)
-    label_key = _pick(header, label_column, LABEL_COLUMNS, "label", path)
+    text_key = pick_column(header, text_column, TEXT_COLUMNS, "text", path)
+    pair_key = pick_column(header, pair_column, PAIR_COLUMNS, "text-pair", path, required=False)
+    label_key = pick_column(header, label_column, LABEL_COLUMNS, "label", path)
     examples = []
     for row in rows:
         if task_type == "token-classification":

@@ -31,6 +31,7 @@ from adapters_store.format import (
 from adapters_store.formula import effective_weight
 from adapters_store.packing import pack_bits, unpack_bits
 from server.backbone import Backbone
+from server.pooling import l2_normalize, pool
 
 
 class BinaryStep(torch.autograd.Function):
@@ -133,10 +134,17 @@ class DeltaModel(nn.Module):
         self.task_type = task_type
         self.word_piece = word_piece
         d = backbone.hidden_size
-        classifier = nn.Linear(d, num_labels)
-        nn.init.normal_(classifier.weight, std=0.02)
-        nn.init.zeros_(classifier.bias)
-        self.classifier = DeltaLinear(classifier.to(self.device))
+        # An embedding task has no classifier: its answer is the pooled vector (task-delta.md, Head),
+        # mean pooled and L2-normalised, through a linear `projection` when it has one.
+        self.classifier: DeltaLinear | None = None
+        if task_type != "embedding":
+            classifier = nn.Linear(d, num_labels)
+            nn.init.normal_(classifier.weight, std=0.02)
+            nn.init.zeros_(classifier.bias)
+            self.classifier = DeltaLinear(classifier.to(self.device))
+        self.pooling = "mean" if task_type == "embedding" else "cls"
+        self.normalize = True
+        self.projection: nn.Linear | None = None
         self.pooler: nn.Linear | None = None
         if head_pooler:
             if task_type != "sequence-classification":
@@ -198,7 +206,8 @@ class DeltaModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         special_tokens_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits: [N, C] for sequence classification, [N, L, C] for token classification.
+        """Logits: [N, C] for sequence classification, [N, L, C] for token classification; for an
+        embedding task the [N, D] vectors as served.
 
         `special_tokens_mask` ([N, L], the tokenizer's) is needed when the model has PASTA vectors.
         """
@@ -214,6 +223,12 @@ class DeltaModel(nn.Module):
         finally:
             self._slots = None
         hidden = out.last_hidden_state
+        if self.task_type == "embedding":
+            vectors = pool(hidden, attention_mask, self.pooling)
+            if self.projection is not None:
+                vectors = self.projection(vectors)
+            return l2_normalize(vectors) if self.normalize else vectors
+        assert self.classifier is not None
         if self.task_type == "token-classification":
             return self.classifier(hidden)
         pooled = out.pooler_output if self.backbone.has_pooler else None
@@ -244,10 +259,12 @@ class DeltaModel(nn.Module):
                     sparse[name] = SparseUpdate(name, module.shape, module.sparse_index.cpu().clone(),
                                                 module.folded_sparse_value().detach().cpu().clone())
             head = TaskHead(
-                self.classifier.effective_weight().detach().cpu().clone(),
-                self.classifier.bias.detach().cpu().clone(),
+                self.classifier.effective_weight().detach().cpu().clone() if self.classifier is not None else None,
+                self.classifier.bias.detach().cpu().clone() if self.classifier is not None else None,
                 self.pooler.weight.detach().cpu().clone() if self.pooler is not None else None,
                 self.pooler.bias.detach().cpu().clone() if self.pooler is not None else None,
+                self.projection.weight.detach().cpu().clone() if self.projection is not None else None,
+                self.projection.bias.detach().cpu().clone() if self.projection is not None else None,
             )
             head_keep = {layer: HeadKeep(layer, keep_.clone()) for layer, keep_ in sorted(self.head_keep.items())}
             pasta = PastaVectors(self.pasta.detach().cpu().clone()) if self.pasta is not None else None
@@ -275,15 +292,23 @@ class DeltaModel(nn.Module):
             if delta.pasta is not None:
                 self.pasta = nn.Parameter(delta.pasta.vectors.float().to(dev).clone(), requires_grad=False)
             head = delta.head
-            num_labels, d = head.classifier_weight.shape
-            self.classifier = DeltaLinear(nn.Linear(d, num_labels, device=dev))
-            self.classifier.weight.copy_(head.classifier_weight.float())
-            self.classifier.bias.copy_(head.classifier_bias.float())
+            d = self.backbone.hidden_size
+            if head.classifier_weight is not None and head.classifier_bias is not None:
+                self.classifier = DeltaLinear(nn.Linear(d, head.classifier_weight.shape[0], device=dev))
+                self.classifier.weight.copy_(head.classifier_weight.float())
+                self.classifier.bias.copy_(head.classifier_bias.float())
+            if head.projection_weight is not None and head.projection_bias is not None:
+                self.projection = nn.Linear(d, head.projection_weight.shape[0], device=dev)
+                self.projection.weight.copy_(head.projection_weight.float())
+                self.projection.bias.copy_(head.projection_bias.float())
             if head.pooler_weight is not None and head.pooler_bias is not None:
                 self.pooler = nn.Linear(d, d, device=dev)
                 self.pooler.weight.copy_(head.pooler_weight.float())
                 self.pooler.bias.copy_(head.pooler_bias.float())
         self.word_piece = delta.meta.word_piece
+        if delta.meta.is_embedding:
+            self.pooling = str(delta.meta.pooling)
+            self.normalize = delta.meta.normalize
         self.requires_grad_(False)
 
 

@@ -59,6 +59,7 @@ class TrainSettings:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    positive_label: str = "1"  # embedding: the label of a matching pair (only matching pairs train)
     backbone: str | None = None
     epochs: int | None = None  # fixed budget; None: early stopping under max_epochs
     max_epochs: int | None = None  # None: the method's recipe
@@ -271,6 +272,10 @@ def load_data(settings: TrainSettings) -> tuple[list[Example], list[Example], li
 
 def train(settings: TrainSettings, method: Method, backbone: Backbone | None = None,
           progress: bool = True) -> TrainResult:
+    if settings.task_type == "embedding":  # pairs and a ranking loss: its own loop (training.embedding)
+        from training.embedding import train_embedding
+
+        return train_embedding(settings, method, backbone, progress)
     random.seed(settings.seed)
     run_started = time.perf_counter()
     backbone = backbone or Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)

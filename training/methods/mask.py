@@ -51,7 +51,8 @@ class Mask(Method):
 
     def modules(self, model: DeltaModel) -> list[str]:
         names = model.backbone.layer_modules(self.config.roles, self.config.first_layer)
-        if self.config.pooler and "pooler.dense" in model.backbone.linear_modules:
+        # an embedding never reads the backbone's pooler (task-delta.md): a mask there would be dead bytes
+        if self.config.pooler and "pooler.dense" in model.backbone.linear_modules and model.task_type != "embedding":
             names.append("pooler.dense")
         return names
 
@@ -59,6 +60,8 @@ class Mask(Method):
         for name in self.modules(model):
             add_scores(model.wrap(name), self.config)
         if self.config.mask_classifier:
+            if model.classifier is None:
+                raise ValueError("--mask-classifier: an embedding task has no classifier to mask")
             model.classifier.weight.requires_grad_(False)
             model.classifier.bias.requires_grad_(False)
             add_scores(model.classifier, self.config)
