@@ -29,6 +29,7 @@ from server.api.middleware import (
     MethodsMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
+    ShutdownMiddleware,
 )
 from server.backbone import Backbone
 from server.service import Server
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     app.add_middleware(DisconnectMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, max_count=settings.max_headers)
+    app.add_middleware(ShutdownMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a refusal too, carries the id
     # Every router but the open ones needs a credential, given here once for all their routes, so that

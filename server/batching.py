@@ -435,9 +435,14 @@ class Batcher:
         """Seconds the engine needs for `rows` at its measured rate (None before any forward)."""
         return rows / self._rows_per_s if self._rows_per_s else None
 
+    def stop_admitting(self) -> None:
+        """From now on every new request is refused (`ShuttingDown`, 503); what was admitted still runs."""
+        self._closing = True
+        self._arrived.set()  # a batch waiting for company runs now: nothing more will join it
+
     async def close(self) -> None:
         """Refuse new work, finish everything accepted, stop the loop and the workers."""
-        self._closing = True
+        self.stop_admitting()
         if self._loop_task is not None and not self._loop_task.done():
             await self._idle.wait()
         if self._loop_task is not None:

@@ -119,10 +119,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from server.app import create_app
-    from server.http_server import uvicorn_options
+    from server.http_server import serve
 
     try:
         settings = settings_from_args(args)
@@ -153,14 +152,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
         return run(settings, settings.log_level)
     steady_malloc(settings.malloc_threshold)
-    # uvicorn's SIGTERM handling stops accepting, lets accepted requests finish, then runs the
-    # app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the handler
-    # it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
+    # On SIGTERM the app stops admitting at once (503, readiness down; server.http_server.DrainingServer),
+    # uvicorn stops accepting, lets accepted requests finish within the grace (what is cut answers 503),
+    # then runs the app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the
+    # handler it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
-        uvicorn.run(create_app(settings), **uvicorn_options(settings), log_level=settings.log_level,
-                    log_config=uvicorn_log_config, access_log=settings.access_log,
-                    timeout_graceful_shutdown=settings.shutdown_grace_s)
+        serve(create_app(settings), settings, log_config=uvicorn_log_config)
     return 0
 
 

@@ -14,8 +14,9 @@ classes here answer 431 once a head passes `max_header_bytes`, having read no mo
 The count of headers is bounded behind any server (server.api.middleware.HeaderLimitMiddleware):
 within the byte bound it costs little, and it holds the same under Ray Serve's proxy.
 
-`uvicorn_options` is the one place that turns the settings into uvicorn's arguments: the CLI
-serves with them and the tests start real servers with them.
+`uvicorn_options` is the one place that turns the settings into uvicorn's arguments, and
+`DrainingServer` the uvicorn server that tells the app the moment a stop signal comes: the CLI
+serves with them (`serve`) and the tests start real servers with them.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ import asyncio
 import functools
 import importlib.util
 import json
+from collections.abc import Callable
+from types import FrameType
 from typing import Any, ClassVar
 
 import h11
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.settings import Settings
@@ -125,3 +131,42 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's arguments (`uvicorn.run`, `uvicorn.Config`) for these settings."""
     return {"host": settings.host, "port": settings.port, "http": http_protocol(settings.http),
             "h11_max_incomplete_event_size": settings.max_header_bytes}
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, calling `on_stop` (on the event loop) as soon as SIGTERM or Ctrl-C arrives.
+
+    uvicorn notices the signal on its next tick, stops accepting connections, lets the running
+    requests finish within `timeout_graceful_shutdown` and then cancels the rest. Requests on
+    connections already open were still admitted meanwhile, so more work could be queued than
+    the grace drains; `on_stop` is where the app stops admitting (503 + Retry-After) and reports
+    not ready, at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_stop = on_stop
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.on_stop)  # a signal handler must not touch the loop's state
+
+
+def drain_app(app: FastAPI) -> None:
+    """Begin the app's graceful stop (see `server.service.Server.drain`), if its service is built yet."""
+    server = getattr(app.state, "server", None)
+    if server is not None:
+        server.drain()
+
+
+def serve(app: FastAPI, settings: Settings, log_config: dict[str, Any] | str | None = LOGGING_CONFIG) -> None:
+    """Run `app` on uvicorn as `deltaserve serve` does, until a signal stops it gracefully."""
+    config = uvicorn.Config(app, **uvicorn_options(settings), log_level=settings.log_level, log_config=log_config,
+                            access_log=settings.access_log, timeout_graceful_shutdown=settings.shutdown_grace_s)
+    DrainingServer(config, on_stop=lambda: drain_app(app)).run()

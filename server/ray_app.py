@@ -82,8 +82,11 @@ class ServeBatcher:
             raise result
         return result
 
-    async def close(self) -> None:
+    def stop_admitting(self) -> None:
         self._closing = True
+
+    async def close(self) -> None:
+        self.stop_admitting()
         while self._waiting:
             await asyncio.sleep(0.01)
         self._worker.shutdown(wait=True)

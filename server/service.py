@@ -75,6 +75,7 @@ class Server:
     tenants: TenantsFile | None = None  # --tenants-file: who owns and may use which tasks
     audit: AuditLog = field(default_factory=lambda: AuditLog(None))
     replica: str | None = None  # set by a Ray Serve replica (server/ray_app.py): /memory names it
+    draining: bool = False  # a stop was asked for: new work is refused with 503, readiness is down
 
     @classmethod
     def build(cls, settings: Settings, backbone: Backbone | None = None) -> Server:
@@ -103,7 +104,7 @@ class Server:
         batcher = Batcher(runner, max_batch_tokens=settings.max_batch_tokens,
                           max_batch_requests=settings.max_batch_requests, wait_s=settings.batch_wait_ms / 1000,
                           max_queue=settings.max_queue, max_queue_rows=settings.max_queue_rows,
-                          max_queue_s=settings.max_queue_s, metrics=metrics)
+                          max_queue_s=queue_seconds(settings), metrics=metrics)
         tenants = TenantsFile(settings.tenants_file) if settings.tenants_file is not None else None
         if tenants is not None:
             tenants.start_watching()
@@ -112,7 +113,14 @@ class Server:
         return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics, tenants,
                    AuditLog(settings.audit_log))
 
+    def drain(self) -> None:
+        """Begin a graceful stop (the signal handler calls it): refuse new predicts at once (503 with
+        Retry-After), report not ready, and let what was admitted finish."""
+        self.draining = True
+        self.batcher.stop_admitting()
+
     async def close(self) -> None:
+        self.draining = True
         await self.batcher.close()
         self.tokenizer.close()
         if hasattr(self.store, "close"):  # the S3 store's watcher thread
@@ -244,6 +252,13 @@ class Server:
 def _refusal(err: Exception) -> str:
     """An audit outcome for a write that failed: the exception's kind and sentence."""
     return f"refused: {type(err).__name__}: {err}"
+
+
+def queue_seconds(settings: Settings) -> float:
+    """Seconds of engine work admission lets wait: `max_queue_s`, and at most half the shutdown grace, so
+    that what was admitted when a SIGTERM comes is answered before the grace runs out (the other half is
+    for the batch in the engine, and for the measured rate being a little optimistic)."""
+    return min(settings.max_queue_s, settings.shutdown_grace_s / 2)
 
 
 def open_settings_store(settings: Settings, backbone: Backbone) -> DeltaStore:

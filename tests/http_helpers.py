@@ -23,7 +23,7 @@ from server.app import create_app
 from server.backbone import Backbone
 from server.delta import prepare_delta
 from server.engine import Engine, Row
-from server.http_server import uvicorn_options
+from server.http_server import DrainingServer, drain_app, uvicorn_options
 from server.postprocess import predict_row
 from server.service import Server
 from server.settings import Settings
@@ -151,16 +151,20 @@ HTTP_IMPLEMENTATIONS = ["h11", "httptools"]
 
 
 @contextlib.contextmanager
-def served_uvicorn(backbone: Backbone, store: Path, http: str, **overrides: Any) -> Iterator[tuple[str, FastAPI]]:
+def served_uvicorn(backbone: Backbone, store: Path, http: str,
+                   **overrides: Any) -> Iterator[tuple[str, FastAPI, DrainingServer]]:
     """The app on real uvicorn in a thread of this process, configured as `deltaserve serve` configures it
-    (`http`: "h11" or "httptools"); yields its base URL and the app."""
+    (`http`: "h11" or "httptools"); yields its base URL, the app and the uvicorn server (whose
+    `handle_exit(signal.SIGTERM, None)` is what the signal handler runs)."""
     import pytest
 
     if http == "httptools":
         pytest.importorskip("httptools")
     options = settings(store, port=free_port(), http=http, **overrides)
     app = create_app(options, backbone=backbone)
-    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(options), log_level="critical"))
+    config = uvicorn.Config(app, **uvicorn_options(options), log_level="critical",
+                            timeout_graceful_shutdown=options.shutdown_grace_s)
+    server = DrainingServer(config, on_stop=lambda: drain_app(app))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -168,7 +172,7 @@ def served_uvicorn(backbone: Backbone, store: Path, http: str, **overrides: Any)
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{options.port}", app
+        yield f"http://127.0.0.1:{options.port}", app, server
     finally:
         server.should_exit = True
         thread.join(30)

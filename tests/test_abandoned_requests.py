@@ -38,7 +38,7 @@ def send_predict(url: str, texts: list[str]) -> socket.socket:
 
 @pytest.mark.parametrize("http", HTTP_IMPLEMENTATIONS)
 def test_rows_of_abandoned_requests_never_reach_the_engine(tiny_backbone, tmp_path, http):
-    with served_uvicorn(tiny_backbone, tmp_path, http, max_batch_requests=4, batch_wait_ms=0) as (url, app):
+    with served_uvicorn(tiny_backbone, tmp_path, http, max_batch_requests=4, batch_wait_ms=0) as (url, app, _):
         assert httpx.put(f"{url}/tasks/t", content=build_delta(tiny_backbone), headers=ADMIN).status_code == 201
         server = server_of(app)
         batcher, runner = server.batcher, server.runner

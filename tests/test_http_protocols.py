@@ -29,7 +29,7 @@ LIMIT = 8 * 1024
 
 @contextlib.contextmanager
 def uvicorn_server(backbone, store, http: str, **overrides: Any) -> Iterator[str]:
-    with served_uvicorn(backbone, store, http, max_header_bytes=LIMIT, **overrides) as (url, app):
+    with served_uvicorn(backbone, store, http, max_header_bytes=LIMIT, **overrides) as (url, app, _):
         expected = BoundedH11Protocol if http == "h11" else http_protocol("httptools")
         assert app.state.settings.http == http and expected.__module__ == "server.http_server"
         yield url

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -143,10 +143,14 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@probes.get("/health/ready", summary="Server ready")
-async def ready(_server: ServerDep) -> dict[str, bool]:
-    # Routes answer only once the lifespan has built the server (the dependency needs it): reaching here is ready.
-    return {"ready": True}
+@probes.get("/health/ready", summary="Server ready",
+            responses={503: {"description": "shutting down: new work is refused"}})
+async def ready(server: ServerDep) -> Response:
+    # Routes answer only once the lifespan has built the server (the dependency needs it): reaching here is
+    # ready, until a stop begins.
+    if server.draining:
+        return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"ready": True})
 
 
 def _model(server: Server, name: str, version: str | None, caller: Caller = OPERATOR) -> TaskInfo:

@@ -28,10 +28,13 @@ async def memory(server: ServerDep, caller: CallerDep) -> Response:
     return JSONResponse(server.memory(caller))
 
 
-@probes.get("/health")
-async def health(server: ServerDep) -> dict[str, Any]:
-    return {"status": "ok", "backbone": server.backbone.name, "tasks": len(server.store.list()),
-            "queue_depth": server.batcher.depth}
+@probes.get("/health", responses={503: {"description": "shutting down: new work is refused (Retry-After)"}})
+async def health(server: ServerDep) -> Response:
+    body = {"status": "shutting down" if server.draining else "ok", "backbone": server.backbone.name,
+            "tasks": len(server.store.list()), "queue_depth": server.batcher.depth}
+    if server.draining:  # readiness down: a load balancer stops sending new work here
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(body)
 
 
 @router.get("/metrics", response_class=Response, dependencies=[OperatorDep])  # it names every tenant's tasks
