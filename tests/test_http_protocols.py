@@ -91,7 +91,7 @@ def test_head_keeps_the_connection(tiny_backbone, tmp_path, http):
             assert len(ports) == 1 and (port is None or ports == {port}), "a HEAD closed the connection"
             port = ports.pop()
         # HEAD runs on a copy of the scope; the metrics still see which route answered it, and which method.
-        metrics = client.get("/metrics").text
+        metrics = client.get("/metrics", headers=ADMIN).text
         for method in ("GET", "HEAD"):
             series = f'{{method="{method}",route="/tasks/{{name}}",status="200",task="t"}}'
             assert f"deltaserve_requests_total{series} 20.0" in metrics
