@@ -412,8 +412,10 @@ class Batcher:
         began = time.perf_counter()
         try:
             encoded = await self.runner.tokenizer.encode(inputs, max_length)
-        except BaseException:
+        except BaseException as err:
             self._leave(1, len(inputs))
+            if isinstance(err, asyncio.CancelledError) and self.metrics:  # the client left while it tokenised
+                self.metrics.abandoned.inc()
             raise
         self._waiting_rows += len(encoded) - len(inputs)
         job = Job(task, inputs, encoded, max_length)
