@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import dashboard, hf, oip, ops, tasks
-from server.api.auth import Authenticated
+from server.api.auth import Authenticated, document_security
 from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
 from server.api.middleware import (
@@ -95,4 +95,5 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
         app.include_router(router)
     install_error_handlers(app)
     add_examples(app)
+    document_security(app, settings)
     return app

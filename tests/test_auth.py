@@ -84,6 +84,21 @@ def test_openapi_declares_the_bearer_scheme_on_the_guarded_operations(guarded):
             assert ("security" in operation) != is_open, (method, path)
 
 
+@pytest.mark.parametrize("config", [{"api_key": "reader"}, {}, {"admin_token": None}])
+def test_the_schema_says_which_operations_need_the_credential(tiny_backbone, tmp_path, config):
+    """Required (401 without it) where the schema lists only the bearer scheme; optional (`{}` listed too)
+    where the server answers without one."""
+    with served(tiny_backbone, tmp_path, **config) as client:
+        client.put("/tasks/seq", content=build_delta(tiny_backbone), headers=ADMIN)
+        schema = client.get("/openapi.json").json()
+        for method, template in sorted(set(endpoints(client.app.routes)) - OPEN):
+            if method == "HEAD":
+                continue
+            security = schema["paths"][template][method.lower()]["security"]
+            refused = call_route(client, method, template).status_code == 401
+            assert refused == ({} not in security), (config, method, template, security)
+
+
 def test_without_an_api_key_reading_stays_open_and_writing_needs_the_admin_token(tiny_backbone, tmp_path):
     with served(tiny_backbone, tmp_path) as client:
         assert client.put("/tasks/seq", content=build_delta(tiny_backbone)).status_code == 401

@@ -19,9 +19,10 @@ again by the store, atomically with the write (`Server.put_task`, `Server.delete
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -111,3 +112,30 @@ def require_operator(request: Request, caller: CallerDep) -> None:
 
 WriterDep = Depends(require_writer)
 OperatorDep = Depends(require_operator)
+
+
+def credential_required(settings: Settings, method: str, path: str) -> bool:
+    """Whether a protected route refuses a request that has no credential, as the dependencies above
+    decide; the OpenAPI schema says so (`document_security`), so that clients and fuzzers know."""
+    if settings.tenants_file is not None or settings.api_key is not None:
+        return True
+    return method.upper() in ("PUT", "DELETE") and settings.admin_token is not None
+
+
+def document_security(app: FastAPI, settings: Settings) -> None:
+    """Mark the bearer credential optional (OpenAPI's empty requirement `{}`) on the operations this server
+    answers without one: e.g. reading and predicting when it has no API key nor tenants."""
+    generate: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if "security" in operation and not credential_required(settings, method, path):
+                    operation["security"].append({})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
