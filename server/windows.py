@@ -19,6 +19,7 @@ label for a text cannot be merged from pieces without changing what the head was
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from server.backbone import Backbone, EncodedText
@@ -40,16 +41,37 @@ def default_stride(backbone: Backbone, max_length: int) -> int:
     return max(content_length(backbone, max_length) // 4, 0)
 
 
+def count_windows(backbone: Backbone, texts: Sequence[str], max_length: int, stride: int | None = None) -> list[int]:
+    """How many windows `encode_windows` makes of each text, from token counts alone (no window is built).
+
+    The limit on windows is checked on this first: building 4,220 windows only to refuse them cost
+    2.2 s and 113 MB. Windows of `content` tokens overlapping by `stride` advance `content - stride`
+    tokens each, so `n` tokens take 1 window, or 1 + ceil((n - content) / (content - stride)).
+    Runs on the tokenizer's thread.
+    """
+    content = content_length(backbone, max_length)
+    if content < 1:
+        return [1] * len(texts)
+    stride = _checked_stride(backbone, max_length, stride)
+    lengths = [len(ids) for ids in backbone.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [1 if n <= content else 1 + math.ceil((n - content) / (content - stride)) for n in lengths]
+
+
+def _checked_stride(backbone: Backbone, max_length: int, stride: int | None) -> int:
+    content = content_length(backbone, max_length)
+    if stride is None:
+        return default_stride(backbone, max_length)
+    if not 0 <= stride < content:
+        raise BadStride(f"stride must be between 0 and {content - 1} tokens for a max_length of {max_length}")
+    return stride
+
+
 def encode_windows(backbone: Backbone, texts: Sequence[str], max_length: int,
                    stride: int | None = None) -> list[list[EncodedText]]:
     """Each text's windows (one for a text that fits). Runs on the tokenizer's thread."""
-    content = content_length(backbone, max_length)
-    if stride is None:
-        stride = default_stride(backbone, max_length)
-    if content < 1:  # no room for text beside the special tokens: plain truncation
+    if content_length(backbone, max_length) < 1:  # no room for text beside the special tokens: plain truncation
         return [[e] for e in backbone.encode(texts, max_length)]
-    if not 0 <= stride < content:
-        raise BadStride(f"stride must be between 0 and {content - 1} tokens for a max_length of {max_length}")
+    stride = _checked_stride(backbone, max_length, stride)
     windows = []
     for text in texts:
         # The same call as Backbone.encode's (tests/test_windows.py checks that one window equals it), plus stride.

@@ -1,15 +1,19 @@
 """Strict JSON request bodies: UTF-8, no content encoding, bounded nesting; anything else is 422.
 
 FastAPI parses a JSON body with `json.loads` and answers 400 for whatever that raises besides a
-decode error: a non-UTF-8 or gzip body (UnicodeDecodeError) and JSON nested past Python's
-recursion limit (RecursionError). The contract says a malformed body is 422, so the routes of
-`StrictJSONRoute` parse through `parse_json_body`, which names each problem. (FastAPI's
-documented way to change how a request is read: a custom `APIRoute` with its own `Request`.)
+decode error: a non-UTF-8 or gzip body (UnicodeDecodeError), JSON nested past Python's recursion
+limit (RecursionError) and an integer of more digits than Python converts (ValueError); and
+`json.loads` of bytes guesses UTF-16 and skips a byte-order mark, which no other route accepted.
+The contract says a malformed body is 422, so every JSON body is read by `parse_json_body`, which
+names each problem: the routes of `StrictJSONRoute` (tasks, Hugging Face) through their request
+(FastAPI's documented way to change how a request is read: a custom `APIRoute` with its own
+`Request`), the OIP routes, which read their body whole for the binary extension, directly.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +35,11 @@ def parse_json_body(body: bytes, content_encoding: str | None = None) -> Any:
         return json.loads(text)
     except RecursionError:
         raise HTTPException(422, "the body is JSON nested too deeply") from None
+    except json.JSONDecodeError:
+        raise  # the caller's own "not valid JSON" answer (FastAPI's names line and column)
+    except ValueError:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise HTTPException(422, f"the body has an integer of more than {sys.get_int_max_str_digits()} digits")  \
+            from None
 
 
 class StrictJSONRequest(Request):

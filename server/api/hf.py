@@ -31,11 +31,12 @@ from starlette.exceptions import HTTPException
 
 from adapters_store.storage import TaskInfo
 from server.api.auth import CallerDep
+from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep, TaskName
 from server.backbone import TextInput
 from server.postprocess import Prediction, UnsupportedInput
 
-router = APIRouter(tags=["hugging face inference api"])
+router = APIRouter(tags=["hugging face inference api"], route_class=StrictJSONRoute)
 
 
 class TextPair(BaseModel):
@@ -44,7 +45,8 @@ class TextPair(BaseModel):
 
 
 class HfParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `stride: false` or `top_k: true` are not numbers (lax mode read them as 0 and 1).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     top_k: int | None = Field(None, ge=1, description="text classification: keep the k best labels")
     function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from adapters_store.storage import TaskInfo
 from server.api.auth import CallerDep
+from server.api.body import parse_json_body
 from server.api.deps import ServerDep, TaskName
 from server.backbone import TextInput
 from server.service import Server
@@ -217,20 +218,20 @@ async def model_version_ready(server: ServerDep, name: TaskName, version: str) -
 async def infer(request: Request, server: ServerDep, name: TaskName, caller: CallerDep,
                 header_length: Annotated[int | None, Header(alias=HEADER_LENGTH)] = None) -> Response:
     """Inputs `text` (and `text_pair`) as BYTES; outputs by task type (see `GET /v2/models/{name}`)."""
-    return await _infer(server, caller, name, None, await request.body(), header_length)
+    return await _infer(server, caller, name, None, request, header_length)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, responses=OIP_ERRORS,
              openapi_extra=INFER_BODY, summary="Model infer (one version)")
 async def infer_version(request: Request, server: ServerDep, name: TaskName, version: str, caller: CallerDep,
                         header_length: Annotated[int | None, Header(alias=HEADER_LENGTH)] = None) -> Response:
-    return await _infer(server, caller, name, version, await request.body(), header_length)
+    return await _infer(server, caller, name, version, request, header_length)
 
 
-async def _infer(server: Server, caller: Caller, name: str, version: str | None, body: bytes,
+async def _infer(server: Server, caller: Caller, name: str, version: str | None, http: Request,
                  header_length: int | None) -> Response:
     info = _model(server, name, version, caller)
-    request, binary = _parse(body, header_length)
+    request, binary = _parse(await http.body(), header_length, http.headers.get("content-encoding"))
     inputs = _texts(request, binary, info)
     _, answer = await server.predict(name, inputs, caller=caller)
     if version is not None and str(answer.version) != version:  # replaced while queued
@@ -259,13 +260,17 @@ async def _infer(server: Server, caller: Caller, name: str, version: str | None,
                     headers={HEADER_LENGTH: str(len(header))})
 
 
-def _parse(body: bytes, header_length: int | None) -> tuple[InferRequest, bytes]:
-    """The JSON request and the binary tensor data after it (empty without the extension)."""
+def _parse(body: bytes, header_length: int | None, content_encoding: str | None = None) -> tuple[InferRequest, bytes]:
+    """The JSON request and the binary tensor data after it (empty without the extension); the JSON is read
+    as every route reads a JSON body (`parse_json_body`: UTF-8 only, bounded nesting and digits)."""
     if header_length is not None and not 0 < header_length <= len(body):
         raise HTTPException(400, f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes")
     split = len(body) if header_length is None else header_length
     try:
-        request = InferRequest.model_validate_json(body[:split])
+        request = InferRequest.model_validate(parse_json_body(body[:split], content_encoding))
+    except json.JSONDecodeError as err:
+        raise HTTPException(400, f"the body is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") \
+            from None
     except ValidationError as err:
         parts = []
         for e in err.errors():
@@ -287,7 +292,7 @@ def _texts(request: InferRequest, binary: bytes, info: TaskInfo) -> list[TextInp
             raise HTTPException(400, f"input {tensor.name!r} must be BYTES, not {tensor.datatype}")
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise HTTPException(400, f"input {tensor.name!r}: binary_data_size {size} runs past the body")
             values = _deserialize_bytes(binary[offset:offset + size], tensor.name)
             offset += size
