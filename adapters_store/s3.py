@@ -50,7 +50,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from adapters_store.format import BackboneSpec
-from adapters_store.storage import (
+from adapters_store.store import (
     DEFAULT_MAX_DELTA_BYTES,
     MANIFEST,
     MANIFEST_FORMAT,

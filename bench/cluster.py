@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from adapters_store.storage import LocalDeltaStore, open_store
+from adapters_store import LocalDeltaStore, open_store
 from bench.http import ServerProcess, _load, _percentile, free_port
 from bench.seaweedfs import CREDENTIALS, weed_server
 from bench.workload import METHODS, make_method_delta, sentences

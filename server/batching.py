@@ -54,7 +54,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from adapters_store.format import InvalidDelta
-from adapters_store.storage import DeltaStore, StoreCorrupt, TaskNotFound
+from adapters_store.store import DeltaStore, StoreCorrupt, TaskNotFound
 from server.backbone import Backbone, EncodedText, TextInput
 from server.cache import DeltaCache
 from server.delta import PreparedDelta, prepare_delta

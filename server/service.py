@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from adapters_store import open_store
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import (
+from adapters_store.store import (
     DeltaStore,
     InvalidTaskName,
     NameTaken,
@@ -25,7 +26,6 @@ from adapters_store.storage import (
     TaskInfo,
     check_name,
     check_owner,
-    open_store,
     owned_info,
 )
 from server.audit import AuditLog
@@ -93,8 +93,8 @@ class Server:
                 log.warning("task %s was made for backbone %s, not this one (%s): it will answer 409",
                             info.name, info.backbone_fingerprint, backbone.fingerprint)
         cache = DeltaCache(settings.cache_bytes)
-        if hasattr(store, "on_change"):  # another replica replaced or deleted tasks: their entries are dead weight
-            store.on_change(lambda names: [cache.discard_task(name) for name in names])
+        # Another replica replaced or deleted tasks: their entries are dead weight.
+        store.on_change(lambda names: [cache.discard_task(name) for name in names])
         metrics = Metrics()
         metrics.watch_cache(cache.stats)
         metrics.build_info.labels(package_version(), platform.python_version(), torch.__version__, backbone.backend,
@@ -123,8 +123,7 @@ class Server:
         self.draining = True
         await self.batcher.close()
         self.tokenizer.close()
-        if hasattr(self.store, "close"):  # the S3 store's watcher thread
-            self.store.close()
+        self.store.close()  # the S3 store's watcher thread
         if self.tenants is not None:
             self.tenants.close()
         self.audit.close()
@@ -279,7 +278,7 @@ def demo_dir(settings: Settings) -> Path | None:
 
 def seed_demo(store: DeltaStore, settings: Settings) -> list[str]:
     """Install the demo tasks (file name = task name) that the store lacks; returns the names added."""
-    wanted = settings.demo if settings.demo is not None else getattr(store, "created", False)
+    wanted = settings.demo if settings.demo is not None else store.created
     folder = demo_dir(settings) if wanted else None
     if folder is None:
         return []

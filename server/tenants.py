@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters_store.storage import Quota
+from adapters_store.store import Quota
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -11,8 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
+from adapters_store import open_store
 from adapters_store.format import BackboneSpec
-from adapters_store.storage import open_store
 
 
 def load_spec(path: str) -> BackboneSpec:

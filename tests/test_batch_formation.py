@@ -11,7 +11,7 @@ from http_helpers import assert_close, engine_answer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters_store.storage import LocalDeltaStore
+from adapters_store.local import LocalDeltaStore
 from server.backbone import EncodedText
 from server.batching import BatchRunner, Job, Tokenizer, form_batch, padded_tokens
 from server.cache import DeltaCache

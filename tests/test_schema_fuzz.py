@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 from transformers import AutoTokenizer
 
-from adapters_store.storage import LocalDeltaStore
+from adapters_store.local import LocalDeltaStore
 from server.app import create_app
 from server.backbone import packaged_model_path
 from server.settings import Settings

@@ -10,10 +10,10 @@ from conftest import make_tiny_backbone
 from delta_builders import build_delta
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import (
+from adapters_store.local import LocalDeltaStore
+from adapters_store.store import (
     DeltaTooLarge,
     InvalidTaskName,
-    LocalDeltaStore,
     StoreCorrupt,
     TaskNotFound,
 )

@@ -22,15 +22,14 @@ from pathlib import Path
 import pytest
 from delta_builders import build_delta
 
+from adapters_store import LocalDeltaStore, open_store
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import (
-    LocalDeltaStore,
+from adapters_store.store import (
     NameTaken,
     Quota,
     QuotaExceeded,
     StoreCorrupt,
     TaskNotFound,
-    open_store,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -239,7 +238,7 @@ def test_unreachable_s3_is_a_clear_503(tiny_backbone, monkeypatch):
     from http_helpers import free_port
 
     from adapters_store.s3 import s3_client
-    from adapters_store.storage import StoreUnavailable
+    from adapters_store.store import StoreUnavailable
     from bench.seaweedfs import CREDENTIALS
     from server.api.errors import status_of
 

@@ -221,7 +221,8 @@ def run_export(args: argparse.Namespace) -> int:
         if Path(args.delta).is_file():
             data = Path(args.delta).read_bytes()
         else:
-            from adapters_store.storage import StoreError, open_store
+            from adapters_store import open_store
+            from adapters_store.store import StoreError
 
             try:
                 if not str(args.store).startswith("s3://") and not Path(args.store).is_dir():

@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from adapters_store.storage import TaskNotFound
+from adapters_store.store import TaskNotFound
 from server.service import Server
 from server.settings import Settings
 from server.tenants import Caller, key_hash

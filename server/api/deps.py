@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
 
-from adapters_store.storage import NAME_PATTERN
+from adapters_store.store import NAME_PATTERN
 from server.service import Server
 from server.settings import Settings
 

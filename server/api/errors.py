@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from adapters_store.format import BackboneMismatch, InvalidDelta
-from adapters_store.storage import (
+from adapters_store.store import (
     DeltaTooLarge,
     InvalidTaskName,
     NameTaken,

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from adapters_store.storage import TaskInfo
+from adapters_store.store import TaskInfo
 from server.api.auth import CallerDep
 from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep, TaskName

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from adapters_store.storage import TaskInfo
+from adapters_store.store import TaskInfo
 from server.api.auth import CallerDep
 from server.api.body import parse_json_body
 from server.api.deps import ServerDep, TaskName

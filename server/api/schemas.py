@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from adapters_store.storage import TaskInfo
+from adapters_store.store import TaskInfo
 from server.backbone import InvalidText, check_text
 
 # A text with something besides whitespace. The schema documents the rule (so a fuzzer's "valid" texts

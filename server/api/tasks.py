@@ -10,7 +10,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from adapters_store.storage import DeltaTooLarge, TaskInfo, check_name
+from adapters_store.store import DeltaTooLarge, TaskInfo, check_name
 from server.api.auth import CallerDep, WriterDep, route_of
 from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep, TaskName
