@@ -38,7 +38,8 @@ REPLICA_HEADER = "x-deltaserve-replica"
 
 
 class ServeBatcher:
-    """What the routes ask of a batcher (`predict`, `depth`, `start`, `close`), on Ray Serve's `@serve.batch`.
+    """A `Batcher` (server.batching.jobs: `predict`, `submit`, `depth`, `start`, `stop_admitting`, `close`) on
+    Ray Serve's `@serve.batch`; its batches are whole requests, first come first served (no fair share).
 
     One engine worker thread, as in `Batcher`: the engine is not thread-safe and the replica's
     event loop must stay free while a forward runs.
@@ -61,12 +62,12 @@ class ServeBatcher:
     def start(self) -> None:
         """Nothing to start: `@serve.batch` makes its queue on first use."""
 
-    async def predict(self, task: str, inputs: list[TextInput], max_length: int) -> Answer:
+    async def predict(self, task: str, inputs: list[TextInput], max_length: int, tenant: str | None = None) -> Answer:
         """The routes' entry point, as `Batcher.predict`: tokenise in the tokenizer thread, then queue."""
         if self._closing:
             raise ShuttingDown()
         encoded = await self._runner.tokenizer.encode(inputs, max_length)
-        return await self.submit(Job(task, inputs, encoded, max_length))
+        return await self.submit(Job(task, inputs, encoded, max_length, tenant=tenant))
 
     async def submit(self, job: Job) -> Answer:
         if self._closing:
@@ -111,7 +112,7 @@ def replica_app(settings: Settings) -> FastAPI:
 
     def use_serve_batching(server: Server) -> None:
         server.batcher = ServeBatcher(server.runner, server.metrics, max_batch_size=settings.max_batch_requests,
-                                      wait_s=settings.batch_wait_ms / 1000)  # type: ignore[assignment]
+                                      wait_s=settings.batch_wait_ms / 1000)
         server.replica = replica
 
     app = create_app(settings, on_build=use_serve_batching)

@@ -30,7 +30,7 @@ from adapters_store.store import (
 )
 from server.audit import AuditLog
 from server.backbone import Backbone, check_text
-from server.batching import Answer, Batcher, BatchRunner, Job, TextInput, Tokenizer
+from server.batching import Answer, Batcher, BatchRunner, Job, PipelineBatcher, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.engine import Engine
 from server.extras import check_settings, package_version
@@ -101,10 +101,11 @@ class Server:
                                   backbone.device.type, str(backbone.dtype).removeprefix("torch.")).set(1)
         tokenizer = Tokenizer(backbone)
         runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
-        batcher = Batcher(runner, max_batch_tokens=settings.max_batch_tokens,
-                          max_batch_requests=settings.max_batch_requests, wait_s=settings.batch_wait_ms / 1000,
-                          max_queue=settings.max_queue, max_queue_rows=settings.max_queue_rows,
-                          max_queue_s=queue_seconds(settings), metrics=metrics)
+        batcher = PipelineBatcher(runner, max_batch_tokens=settings.max_batch_tokens,
+                                  max_batch_requests=settings.max_batch_requests,
+                                  wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
+                                  max_queue_rows=settings.max_queue_rows, max_queue_s=queue_seconds(settings),
+                                  metrics=metrics)
         tenants = TenantsFile(settings.tenants_file) if settings.tenants_file is not None else None
         if tenants is not None:
             tenants.start_watching()
@@ -199,7 +200,7 @@ class Server:
                 raise UnsupportedInput("token-classification tasks take single texts, not pairs")
             return await self._predict_windows(name, texts, stride, caller)
         max_length = self.runner.max_length(info.max_length)
-        return info, await self.batcher.predict(name, inputs, max_length)  # 429 before any tokenising
+        return info, await self.batcher.predict(name, inputs, max_length, caller.tenant)  # 429 before tokenising
 
     async def _predict_windows(self, name: str, texts: list[str], stride: int | None,
                                caller: Caller) -> tuple[TaskInfo, Answer]:
@@ -215,7 +216,7 @@ class Server:
             windows = await self.tokenizer.run(encode_windows, self.backbone, texts, max_length, stride)
             rows = [window for text_windows in windows for window in text_windows]
             sources = [text for text, text_windows in zip(texts, windows, strict=True) for _ in text_windows]
-            answer = await self.batcher.submit(Job(name, sources, rows, max_length))
+            answer = await self.batcher.submit(Job(name, sources, rows, max_length, tenant=caller.tenant))
             merged, at = [], 0
             for text, text_windows in zip(texts, windows, strict=True):
                 predictions = answer.predictions[at:at + len(text_windows)]

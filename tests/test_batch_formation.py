@@ -143,3 +143,20 @@ def test_rows_of_one_request_in_two_forwards_are_answered_by_one_version(tiny_ba
         tokenizer.close()
     assert job is request and answer.version == 1
     assert_close(answer.predictions, expected)
+
+
+def test_both_batchers_are_batchers(tiny_backbone, tmp_path):
+    """`PipelineBatcher` and Ray Serve's `ServeBatcher` implement the one `Batcher` protocol the service uses."""
+    from server.batching import Batcher, PipelineBatcher
+
+    store = LocalDeltaStore(tmp_path / "store", tiny_backbone.spec())
+    tokenizer = Tokenizer(tiny_backbone)
+    runner = BatchRunner(tiny_backbone, Engine(tiny_backbone), DeltaCache(1 << 20), store, tokenizer, 32)
+    assert isinstance(PipelineBatcher(runner, max_batch_tokens=64, max_batch_requests=4, wait_s=0, max_queue=4),
+                      Batcher)
+    pytest.importorskip("ray")
+    from server.metrics import Metrics
+    from server.ray_app import ServeBatcher
+
+    assert isinstance(ServeBatcher(runner, Metrics(), max_batch_size=4, wait_s=0), Batcher)
+    tokenizer.close()

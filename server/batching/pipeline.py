@@ -1,6 +1,6 @@
-"""Cross-request batching: predict requests for any mix of tasks answered by one engine forward.
+"""The pipeline batcher: admission, the queue of rows, when to form a batch, and the stages around the engine.
 
-Admission first: `Batcher.predict` refuses at once (`Overloaded` -> 429) when what already waits
+Admission first: `PipelineBatcher.predict` refuses at once (`Overloaded` -> 429) when what already waits
 is too much — counted from admission, so a refusal costs no tokenising and no wait. What waits is
 counted in rows (inputs, or windows of long texts), as the engine's cost is: a request is refused
 when `max_queue` requests wait, or its rows would take the rows waiting past `max_queue_rows`, or
@@ -13,30 +13,17 @@ A request whose client went away (the HTTP layer cancels its handler, see
 server.api.middleware.DisconnectMiddleware) has its rows taken out of the queue at once: they
 never reach the engine, and they stop counting against admission.
 
-Batch formation is length-aware and per row, as TEI's is: the engine pads every row of a forward
-to its longest, so a forward costs `longest × rows` tokens, not the sum of the lengths. The
-rows (inputs) of a request need not share a forward: `form_batch` takes the oldest waiting row
-(always: nothing starves), then grows a window of rows of neighbouring lengths around it —
-whichever neighbour adds the least padding — until the padded-token budget or the row limit is
-reached. A request is answered when its last row has run. Its task is resolved to the current
-version once, in the first forward that runs one of its rows, and that version answers every
-row of it, so a replace is never mixed into one request.
-
 The batcher is a pipeline of single-thread stages, as TEI's is, so the engine never waits on
 Python work that does not need it:
 
-    event loop:  admit, tokenise (tokenizer thread), queue, form the next batch
-    prepare:     resolve each new request's task to its current version, pin every delta of the
-                 batch, then load the cold ones (pin first: loading one cold task can no longer
-                 evict another of the same batch), re-tokenise where a new version truncates
-                 differently; collate, pad, plan the modules and PASTA (`Engine.prepare`)
+    event loop:  admit, tokenise (tokenizer thread), queue, form the next batch (server.batching.formation)
+    prepare:     resolve, pin and load the batch's deltas; collate, pad, plan (`BatchRunner.prepare`)
     engine:      one forward (the engine is not thread-safe: one forward at a time), unpin
     post:        softmax, words and entities of each request whose rows are all done
 
 The next batch is formed as late as it can still be prepared before the engine is free (from
 the measured seconds per padded token), so rows arriving meanwhile join it; at most one batch
-waits prepared. Tokenisation runs in a thread of its own: a fast tokenizer keeps truncation
-settings as state, so it must not be called from two threads at once.
+waits prepared.
 """
 
 from __future__ import annotations
@@ -46,319 +33,21 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
 
-import torch
-
-from adapters_store.format import InvalidDelta
-from adapters_store.store import DeltaStore, StoreCorrupt, TaskNotFound
-from server.backbone import Backbone, EncodedText, TextInput
-from server.cache import DeltaCache
-from server.delta import PreparedDelta, prepare_delta
-from server.engine import Engine, Planned, Row
+from server.backbone import TextInput
+from server.batching.formation import form_batch, padded_tokens
+from server.batching.jobs import Answer, Item, Job, Outcome, Overloaded, ShuttingDown
+from server.batching.runner import Prepared, Runner
 from server.metrics import Metrics
-from server.postprocess import Prediction, UnsupportedInput, predict_row
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
+class PipelineBatcher:
+    """The server's batcher: admission, the queue of rows, formation and the pipeline of stages (module docstring)."""
 
-class Overloaded(Exception):
-    """The queue is full; try again after `retry_after` seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        self.retry_after = retry_after
-        super().__init__(f"the server is overloaded; retry after {retry_after} s")
-
-
-class ShuttingDown(Exception):
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down")
-
-
-@dataclass(frozen=True)
-class Answer:
-    task: str
-    version: int
-    predictions: list[Prediction]
-
-
-@dataclass(eq=False)
-class Job:
-    """One predict request: its inputs, tokenised with the task's max_length as it was at arrival.
-
-    `delta` and `outputs` are the pipeline's: the version that answers every row of the request
-    (set by the prepare stage at its first forward) and each row's logits as they come back.
-    """
-
-    task: str
-    inputs: list[TextInput]
-    encoded: list[EncodedText]
-    max_length: int
-    future: asyncio.Future[Answer] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    delta: PreparedDelta | Exception | None = None
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    queued: int = 0  # rows still waiting for a batch
-    # Where the request's time went (metrics: deltaserve_<stage>_seconds), filled in by the pipeline.
-    enqueued_at: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.encoded)
-
-    @property
-    def rows(self) -> int:
-        return len(self.encoded)
-
-    @property
-    def longest(self) -> int:
-        return max((len(e.input_ids) for e in self.encoded), default=0)
-
-    def items(self) -> list[Item]:
-        return [Item(self, i) for i in range(len(self.encoded))]
-
-
-@dataclass(frozen=True, eq=False)
-class Item:
-    """One row of a job: what batch formation places."""
-
-    job: Job
-    index: int
-
-    @property
-    def tokens(self) -> int:
-        return len(self.job.encoded[self.index].input_ids)
-
-    longest = tokens
-
-    @property
-    def rows(self) -> int:
-        return 1
-
-
-class Sized(Protocol):
-    @property
-    def longest(self) -> int: ...
-    @property
-    def rows(self) -> int: ...
-    @property
-    def tokens(self) -> int: ...
-
-
-S = TypeVar("S", bound=Sized)
-
-
-def padded_tokens(parts: Sequence[Sized]) -> int:
-    """What a forward over `parts` (rows or whole jobs) costs the engine: every row padded to the longest."""
-    return max((p.longest for p in parts), default=0) * sum(p.rows for p in parts)
-
-
-def form_batch(waiting: Sequence[S], max_tokens: int, max_rows: int) -> list[S]:
-    """The next batch from `waiting` (oldest first): length-aware, the oldest always included.
-
-    `waiting` holds rows (`Item`s) or whole jobs. They are ordered by length (a job's: its
-    longest row); the batch is a window of that order around the oldest, grown one neighbour at
-    a time — the shorter or the longer one, whichever adds fewer padding tokens — while the
-    padded cost (`longest × rows`) stays within `max_tokens` and the rows within `max_rows`. An
-    oldest over the budget on its own runs alone. Returned in arrival order.
-    """
-    if not waiting:
-        return []
-    oldest = waiting[0]
-    order = sorted(range(len(waiting)), key=lambda i: (waiting[i].longest, i))
-    at = order.index(0)
-    lo, hi = at, at + 1  # the window order[lo:hi]
-    longest, rows = oldest.longest, oldest.rows
-    while True:
-        options = []  # (added padding, new longest, part, side)
-        if lo > 0:
-            part = waiting[order[lo - 1]]
-            options.append((longest * part.rows - part.tokens, longest, part, -1))
-        if hi < len(order):
-            part = waiting[order[hi]]
-            options.append(((part.longest - longest) * rows + part.longest * part.rows - part.tokens,
-                            part.longest, part, +1))
-        options = [o for o in options if o[1] * (rows + o[2].rows) <= max_tokens and rows + o[2].rows <= max_rows]
-        if not options:
-            break
-        _, longest, part, side = min(options, key=lambda o: (o[0], o[3]))
-        rows += part.rows
-        if side < 0:
-            lo -= 1
-        else:
-            hi += 1
-    return [waiting[i] for i in sorted(order[lo:hi])]
-
-
-class Tokenizer:
-    """Serialises all tokenisation through one thread (see the module docstring)."""
-
-    def __init__(self, backbone: Backbone) -> None:
-        self.backbone = backbone
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deltaserve-tokenize")
-
-    async def encode(self, inputs: Sequence[TextInput], max_length: int) -> list[EncodedText]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.backbone.encode, inputs, max_length)
-
-    def encode_blocking(self, inputs: Sequence[TextInput], max_length: int) -> list[EncodedText]:
-        return self._pool.submit(self.backbone.encode, inputs, max_length).result()
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Other tokenizer work (the windows of long texts, server.windows), on the same one thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-@dataclass(eq=False)
-class Prepared:
-    """A batch made ready for the engine: its requests' deltas resolved and pinned, its rows built."""
-
-    items: list[Item]  # the rows that run (rows of failed requests left out)
-    failed: list[Job]  # requests whose task could not be resolved or loaded: answered with `job.delta`
-    rows: list[Row]
-    pins: contextlib.ExitStack
-    planned: Planned | None = None  # collated, padded and planned by the engine
-
-    def release(self) -> None:
-        self.pins.close()
-
-
-Outcome = tuple[Job, "Answer | Exception"]
-
-
-class Runner(Protocol):
-    """The batcher's three worker stages (see the module docstring)."""
-
-    tokenizer: Tokenizer
-
-    def max_length(self, task_max_length: int | None) -> int: ...
-    def prepare(self, items: Sequence[Item]) -> Prepared: ...
-    def forward(self, prepared: Prepared) -> list[torch.Tensor]: ...
-    def finish(self, prepared: Prepared, outputs: Sequence[torch.Tensor]) -> list[Outcome]: ...
-
-
-class BatchRunner:
-    """Prepares, runs and post-processes batches of rows; each stage runs in its own worker thread."""
-
-    def __init__(self, backbone: Backbone, engine: Engine, cache: DeltaCache, store: DeltaStore,
-                 tokenizer: Tokenizer, default_max_length: int) -> None:
-        self.backbone = backbone
-        self.engine = engine
-        self.cache = cache
-        self.store = store
-        self.tokenizer = tokenizer
-        self.default_max_length = default_max_length
-
-    def max_length(self, task_max_length: int | None) -> int:
-        """Truncation for a task: its delta's max_length, else the server default."""
-        return min(task_max_length or self.default_max_length, self.backbone.max_positions)
-
-    def __call__(self, jobs: Sequence[Job]) -> list[Answer | Exception]:
-        """Whole jobs through the three stages in one forward (one caller, no pipeline)."""
-        prepared = self.prepare([item for job in jobs for item in job.items()])
-        outcomes = dict((id(job), result) for job, result in self.finish(prepared, self.forward(prepared)))
-        return [outcomes[id(job)] for job in jobs]
-
-    def prepare(self, items: Sequence[Item]) -> Prepared:
-        pins = contextlib.ExitStack()
-        try:
-            fresh = {}
-            for item in items:
-                if item.job.delta is None:
-                    fresh.setdefault(id(item.job), item.job)
-            resolved = self._resolve_all(sorted({job.task for job in fresh.values()}), pins)
-            for job in fresh.values():
-                delta = resolved[job.task]
-                if not isinstance(delta, Exception):
-                    limit = self.max_length(delta.meta.max_length)
-                    if limit != job.max_length:
-                        # The version that answers truncates differently from the one seen at arrival.
-                        encoded = self.tokenizer.encode_blocking(job.inputs, limit)
-                        if len(encoded) != len(job.encoded):
-                            raise RuntimeError("re-tokenising changed the number of rows of a request")
-                        job.encoded, job.max_length = encoded, limit
-                job.delta = delta
-            # Requests resolved in an earlier forward keep their version; pin it while this one runs.
-            pins.enter_context(self.cache.pinned({d.key for d in (i.job.delta for i in items)
-                                                  if isinstance(d, PreparedDelta)}))
-            ready = [i for i in items if isinstance(i.job.delta, PreparedDelta)]
-            failed = list({id(i.job): i.job for i in items if isinstance(i.job.delta, Exception)}.values())
-            rows = [Row(i.job.delta, i.job.encoded[i.index]) for i in ready]  # type: ignore[arg-type]
-            planned = self.engine.prepare(rows)
-        except BaseException:
-            pins.close()
-            raise
-        return Prepared(ready, failed, rows, pins, planned)
-
-    def forward(self, prepared: Prepared) -> list[torch.Tensor]:
-        try:
-            assert prepared.planned is not None
-            return self.engine.run(prepared.planned)
-        finally:
-            prepared.release()
-
-    def finish(self, prepared: Prepared, outputs: Sequence[torch.Tensor]) -> list[Outcome]:
-        """Outcomes of the requests this forward completed (and of those that failed)."""
-        done: list[Outcome] = [(job, job.delta) for job in prepared.failed]  # type: ignore[misc]
-        for item, output in zip(prepared.items, outputs, strict=True):
-            job = item.job
-            job.outputs[item.index] = output
-            if len(job.outputs) == len(job.encoded):
-                done.append((job, self._answer(job)))
-        return done
-
-    def _answer(self, job: Job) -> Answer | Exception:
-        delta = job.delta
-        assert isinstance(delta, PreparedDelta)
-        try:
-            predictions = [predict_row(job.outputs[i].numpy(), delta.meta, text, source)
-                           for i, (text, source) in enumerate(zip(job.encoded, job.inputs, strict=True))]
-        except UnsupportedInput as err:
-            return err
-        finally:
-            job.outputs = {}  # the logits are no longer needed
-        return Answer(job.task, delta.version, predictions)
-
-    def _resolve_all(self, names: Sequence[str], pins: contextlib.ExitStack) -> dict[str, PreparedDelta | Exception]:
-        """Each task's current version, every one pinned before any is loaded."""
-        keys: dict[str, tuple[str, int] | Exception] = {}
-        for name in names:
-            info = self.store.get_info(name)
-            keys[name] = TaskNotFound(name) if info is None else (name, info.version)
-        pins.enter_context(self.cache.pinned([k for k in keys.values() if not isinstance(k, Exception)]))
-        resolved: dict[str, PreparedDelta | Exception] = {}
-        for name, key in keys.items():
-            resolved[name] = key if isinstance(key, Exception) else self._load(name, key[1], pins)
-        return resolved
-
-    def _load(self, name: str, version: int, pins: contextlib.ExitStack) -> PreparedDelta | Exception:
-        for _ in range(3):
-            def load(version: int = version) -> PreparedDelta:
-                return prepare_delta(self.store.read_bytes(name, version), self.backbone, name, version)
-
-            try:
-                return self.cache.get((name, version), load)
-            except TaskNotFound:
-                pass  # replaced between reading the manifest and the file: take the newer one
-            except (InvalidDelta, StoreCorrupt) as err:  # fails this task's requests, not the batch
-                return err
-            info = self.store.get_info(name)
-            if info is None:
-                return TaskNotFound(name)
-            version = info.version
-            pins.enter_context(self.cache.pinned([(name, version)]))
-        return TaskNotFound(name)
-
-
-class Batcher:
     def __init__(
         self,
         runner: Runner,
@@ -406,7 +95,7 @@ class Batcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="deltaserve-batcher")
 
-    async def predict(self, task: str, inputs: list[TextInput], max_length: int) -> Answer:
+    async def predict(self, task: str, inputs: list[TextInput], max_length: int, tenant: str | None = None) -> Answer:
         """Admit (or refuse at once), tokenise, queue, and wait for the answer."""
         self._admit(len(inputs))
         began = time.perf_counter()
@@ -418,7 +107,7 @@ class Batcher:
                 self.metrics.abandoned.inc()
             raise
         self._waiting_rows += len(encoded) - len(inputs)
-        job = Job(task, inputs, encoded, max_length)
+        job = Job(task, inputs, encoded, max_length, tenant=tenant)
         job.stage_seconds["tokenize"] = time.perf_counter() - began
         return await self._enqueue(job)
 
