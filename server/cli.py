@@ -33,7 +33,7 @@ from adapters_store.format import (
 )
 from server.extras import MissingExtra, check_settings, package_version
 from server.logs import configure_logging
-from server.settings import ConfigFileError, Settings, unknown_variables
+from server.settings import ConfigFileError, Settings, add_token_flags, client_token, unknown_variables
 from training.cli import add_parsers
 
 
@@ -70,11 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="upload a delta file to a running server")
     push.add_argument("file", type=Path)
     push.add_argument("--name", required=True, help="task name")
-    push.add_argument("--url", default=os.environ.get("DELTASERVE_URL", "http://127.0.0.1:8000"))
-    push.add_argument("--token", default=os.environ.get("DELTASERVE_ADMIN_TOKEN"),
-                      help="admin token, if any (env DELTASERVE_ADMIN_TOKEN)")
-    push.add_argument("--token-file", type=Path, default=os.environ.get("DELTASERVE_ADMIN_TOKEN_FILE"),
-                      help="read the admin token from this file, out of sight of ps (env DELTASERVE_ADMIN_TOKEN_FILE)")
+    push.add_argument("--url", default=os.environ.get("DELTASERVE_URL", "http://127.0.0.1:8000"),
+                      help="the server (env DELTASERVE_URL; default http://127.0.0.1:8000)")
+    add_token_flags(push)
     push.set_defaults(func=run_push)
 
     add_parsers(commands)
@@ -308,7 +306,11 @@ def run_push(args: argparse.Namespace) -> int:
     import httpx
 
     headers = {"Content-Type": "application/octet-stream"}
-    token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else args.token
+    try:
+        token = client_token(args.token, args.token_file)
+    except ValueError as err:
+        print(f"deltaserve push: {err}", file=sys.stderr)
+        return 2
     if token:
         headers["Authorization"] = f"Bearer {token}"
     url = f"{args.url.rstrip('/')}/tasks/{args.name}"

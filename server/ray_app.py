@@ -126,6 +126,18 @@ def replica_app(settings: Settings) -> FastAPI:
     return app
 
 
+# Settings that Ray Serve's replicas do not use: @serve.batch forms batches by count (no token budget), Ray's
+# proxy queues in front of the replicas (--max-queue only caps each replica's requests in flight; no 429s
+# from row or time budgets), and glibc's malloc tuning is set per process by `serve`, not in Ray's workers.
+IGNORED_UNDER_RAY = ("max_batch_tokens", "max_queue_rows", "max_queue_s", "malloc_threshold")
+
+
+def ignored_under_ray(settings: Settings) -> list[str]:
+    """The flags given (flag, variable or config file) that --ray leaves unused: each named in a warning."""
+    return ["--" + name.replace("_", "-") for name in IGNORED_UNDER_RAY
+            if name in Settings.model_fields and name in settings.model_fields_set]
+
+
 def deployment_options(settings: Settings) -> dict[str, Any]:
     """Ray Serve's options for the replicas: their number (or autoscaling range) and how much each takes in."""
     options: dict[str, Any] = {
@@ -133,7 +145,7 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "max_ongoing_requests": settings.max_queue,
         "ray_actor_options": {"num_cpus": settings.ray_replica_cpus},
         "health_check_period_s": 5,
-        "graceful_shutdown_timeout_s": 60,
+        "graceful_shutdown_timeout_s": settings.shutdown_grace_s,
     }
     if settings.max_replicas and settings.max_replicas > settings.replicas:
         options["autoscaling_config"] = {"min_replicas": settings.replicas, "initial_replicas": settings.replicas,
@@ -178,6 +190,8 @@ def run(settings: Settings, log_level: str = "info") -> int:
     import ray
 
     check_store_is_shared(settings)
+    for flag in ignored_under_ray(settings):
+        log.warning("%s has no effect with --ray (Ray Serve batches by count and queues in its proxy)", flag)
     ray.init(address=settings.ray_address, include_dashboard=False, logging_level=log_level.upper())
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name="deltaserve", route_prefix="/", blocking=False)

@@ -14,6 +14,7 @@ once let every upload through), and each token can come from a file (`--admin-to
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
@@ -179,10 +180,17 @@ class Settings(BaseSettings):
 
 def _token(name: str, value: str | None, file: Path | None) -> str | None:
     """The token given directly or in a file; never empty (empty would silently mean "no authentication")."""
-    flag, env = "--" + name.replace("_", "-"), "DELTASERVE_" + name.upper()
+    flag = "--" + name.replace("_", "-")
+    return token_from(name, value, file, flag=flag, env=ENV_PREFIX + name.upper())
+
+
+def token_from(name: str, value: str | None, file: Path | str | None, *, flag: str, env: str) -> str | None:
+    """A token given as `flag` (variable `env`) or in the file of `flag`-file (`env`_FILE), never both, never
+    empty: an empty one would silently mean "no authentication" for a server and "no token" for a client."""
     if value is not None and file is not None:
         raise ValueError(f"{name}: give {flag} ({env}) or {flag}-file ({env}_FILE), not both")
     if file is not None:
+        file = Path(file)
         try:
             value = file.read_text(encoding="utf-8").strip()  # editors and `echo` add a newline
         except (OSError, UnicodeDecodeError) as err:
@@ -195,6 +203,26 @@ def _token(name: str, value: str | None, file: Path | None) -> str | None:
         raise ValueError(f"{name}: {flag} ({env}) is empty; an empty token would turn authentication off. "
                          f"Unset it to run without one")
     return value
+
+
+def add_token_flags(parser: argparse.ArgumentParser) -> None:
+    """`--token` and `--token-file` of a client command; `client_token` reads them."""
+    parser.add_argument("--token", help="admin token, if the server has one (env DELTASERVE_ADMIN_TOKEN)")
+    parser.add_argument("--token-file", type=Path, help="read the admin token from this file, out of sight of ps "
+                                                        "(env DELTASERVE_ADMIN_TOKEN_FILE)")
+
+
+def client_token(token: str | None, token_file: Path | str | None,
+                 environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token a client command (`push`, `train --push`) sends: `--token` or `--token-file` as given,
+    else `DELTASERVE_ADMIN_TOKEN` or `DELTASERVE_ADMIN_TOKEN_FILE`; both of a pair, or an empty one, is an
+    error (ValueError) rather than one silently winning."""
+    if token is None and token_file is None:
+        environ = os.environ if environ is None else environ
+        token, token_file = environ.get("DELTASERVE_ADMIN_TOKEN"), environ.get("DELTASERVE_ADMIN_TOKEN_FILE")
+        if token is not None and token_file is not None:
+            raise ValueError("token: DELTASERVE_ADMIN_TOKEN and DELTASERVE_ADMIN_TOKEN_FILE are both set; unset one")
+    return token_from("token", token, token_file, flag="--token", env="DELTASERVE_ADMIN_TOKEN")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

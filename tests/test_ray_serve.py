@@ -153,3 +153,14 @@ def test_serve_config_file_is_valid_and_builds():
     (app,) = schema.applications
     assert app.import_path == "server.ray_app:app_builder" and app.route_prefix == "/"
     assert isinstance(app_builder(app.args), serve.Application)
+
+
+def test_flags_ray_leaves_unused_are_named(tmp_path, monkeypatch):
+    from server.ray_app import deployment_options, ignored_under_ray
+
+    monkeypatch.setenv("DELTASERVE_MALLOC_THRESHOLD", "0")
+    settings = Settings(store=str(tmp_path), max_batch_tokens=512, max_queue=9, shutdown_grace_s=12)
+    assert ignored_under_ray(settings) == ["--max-batch-tokens", "--malloc-threshold"]
+    assert ignored_under_ray(Settings(store=str(tmp_path))) == ["--malloc-threshold"]
+    options = deployment_options(settings)
+    assert options["max_ongoing_requests"] == 9 and options["graceful_shutdown_timeout_s"] == 12

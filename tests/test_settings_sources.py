@@ -117,3 +117,41 @@ def test_serve_warns_about_an_unknown_variable_at_start(tmp_path, monkeypatch, c
         signal.signal(signal.SIGTERM, handler)
     assert any("DELTASERVE_MAX_BATCH_TOKEN (did you mean DELTASERVE_MAX_BATCH_TOKENS?)" in r.getMessage()
                for r in caplog.records)
+
+
+def test_push_refuses_two_tokens_or_an_empty_file(tmp_path, monkeypatch, capsys):
+    """`push --token-file` once silently won over `--token`, and an empty file meant no token at all."""
+    delta = tmp_path / "d.safetensors"
+    delta.write_bytes(b"not used: refused before any request")
+    empty, good = tmp_path / "empty", tmp_path / "good"
+    empty.write_text("\n")
+    good.write_text("s3cret\n")
+    base = ["push", str(delta), "--name", "t", "--url", "http://127.0.0.1:9"]
+    assert main([*base, "--token", "a", "--token-file", str(good)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*base, "--token-file", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    monkeypatch.setenv("DELTASERVE_ADMIN_TOKEN", "a")
+    monkeypatch.setenv("DELTASERVE_ADMIN_TOKEN_FILE", str(good))
+    assert main(base) == 2
+    assert "both set" in capsys.readouterr().err
+
+
+def test_client_token_sources(tmp_path):
+    from server.settings import client_token
+
+    (tmp_path / "t").write_text("from-file\n")
+    assert client_token(None, tmp_path / "t", {}) == "from-file"
+    assert client_token("flag", None, {"DELTASERVE_ADMIN_TOKEN_FILE": str(tmp_path / "t")}) == "flag"  # flag wins
+    assert client_token(None, None, {"DELTASERVE_ADMIN_TOKEN_FILE": str(tmp_path / "t")}) == "from-file"
+    assert client_token(None, None, {}) is None
+    with pytest.raises(ValueError, match="is empty"):
+        client_token("", None, {})
+
+
+def test_train_takes_a_token_file_and_checks_it_first(tmp_path, capsys):
+    (tmp_path / "empty").write_text("")
+    assert main(["train", "--method", "lora", "--task-type", "sequence-classification", "--train", "x.tsv",
+                 "--eval", "y.tsv", "--push", "http://127.0.0.1:9", "--name", "t",
+                 "--token-file", str(tmp_path / "empty")]) == 2
+    assert "is empty" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from server.settings import add_token_flags, client_token
 from training.methods import add_all_arguments, make_method, registry
 
 
@@ -64,7 +65,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--report", help="write a JSON report here")
     train.add_argument("--push", metavar="URL", help="upload the delta to a running server")
     train.add_argument("--name", help="task name for --push")
-    train.add_argument("--token", help="bearer token for --push")
+    add_token_flags(train)  # --token, --token-file for --push
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_all_arguments(train)
     train.set_defaults(func=run_train)
@@ -101,7 +102,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     fin.add_argument("--force", action="store_true", help="write the delta even below the gate")
     fin.add_argument("--push", metavar="URL", help="upload the delta to a running server")
     fin.add_argument("--name", help="task name for --push")
-    fin.add_argument("--token", help="bearer token for --push")
+    add_token_flags(fin)  # --token, --token-file for --push
     fin.set_defaults(func=run_import_finetuned)
 
     exp = subparsers.add_parser(
@@ -127,6 +128,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.push and not args.name:
         print("error: --push needs --name", file=sys.stderr)
         return 2
+    try:  # checked before the work, not after it
+        token = client_token(args.token, args.token_file) if args.push else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     settings = TrainSettings(
         method=args.method, task_type=args.task_type, train=args.train, eval=args.eval,
         val=args.val, val_fraction=args.val_fraction, max_val_examples=args.max_val_examples,
@@ -144,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in result.report.items() if k not in ("history", "settings", "labels")}
     print(json.dumps(summary, indent=2))
     if args.push and result.delta_bytes is not None:
-        push(args.push, args.name, result.delta_bytes, args.token)
+        push(args.push, args.name, result.delta_bytes, token)
     return 0
 
 
@@ -183,6 +189,11 @@ def run_import_finetuned(args: argparse.Namespace) -> int:
     if args.push and not args.name:
         print("error: --push needs --name", file=sys.stderr)
         return 2
+    try:  # checked before the work, not after it
+        token = client_token(args.token, args.token_file) if args.push else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         texts = read_calibration(args.calibration)
         backbone = Backbone.load(args.backbone, device="cpu")
@@ -205,7 +216,7 @@ def run_import_finetuned(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {len(result.data)} bytes, 1/{report['compression']} of the checkpoint"
           + ("" if result.passed else " (forced below the gate)"))
     if args.push:
-        push(args.push, args.name, result.data, args.token)
+        push(args.push, args.name, result.data, token)
     return 0
 
 
