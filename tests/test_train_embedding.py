@@ -28,6 +28,7 @@ from training.embedding import (
     pair_batches,
     ranking_loss,
     read_pairs,
+    results_table,
     retrieval_metrics,
 )
 from training.methods import TaskInfo, make_method
@@ -254,6 +255,8 @@ def test_train_command_writes_a_valid_embedding_delta_and_report(tmp_path, tiny_
     assert rep["train_examples"] == 7  # the 9 matching pairs of train.tsv less the 2 that --val holds
     assert rep["eval_queries"] == 2 and len(rep["history"]) == 2
     assert rep["delta_bytes"] == out.stat().st_size
+    rows = results_table([rep]).splitlines()
+    assert rows[2].startswith("| bare backbone |") and rows[3].startswith("| lora |") and len(rows) == 4
 
 
 def test_train_command_finetune_reports_without_a_delta(tmp_path, tiny_folder):
@@ -266,3 +269,4 @@ def test_train_command_finetune_reports_without_a_delta(tmp_path, tiny_folder):
     assert rc == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["delta_bytes"] is None and rep["method"] == "finetune"
+

@@ -388,3 +388,43 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
     if settings.report:
         write_atomic(settings.report, (json.dumps(report, indent=2) + "\n").encode())
     return TrainResult(report, delta_bytes, model)
+
+
+# ---------------------------------------------------------------------------- the RESULTS.md table
+
+ORDER = ("finetune", "mask", "lora", "dsee", "pasta")
+
+
+def results_table(reports: Sequence[dict]) -> str:
+    """RESULTS.md's table of embedding reports: the bare backbone (from the first report), then one row each."""
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.2f}"
+
+    lines = ["| model | recall@1 | MRR | best-threshold F1 | val MRR (selects) | trainable params | delta bytes "
+             "| epochs | train s (wall) | train s (CPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    bare = reports[0]["backbone_eval"]
+    lines.append(f"| bare backbone | {pct(bare['recall_at_1'])} | {pct(bare['mrr'])} | {pct(bare.get('f1'))} "
+                 "| – | 0 | 0 | – | – | – |")
+    for rep in sorted(reports, key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER)):
+        size = f"{rep['delta_bytes']:,}" if rep.get("delta_bytes") else "– (no delta)"
+        lines.append(" | ".join([
+            f"| {rep['method']}", pct(rep["eval_recall_at_1"]), pct(rep["eval_mrr"]), pct(rep.get("eval_f1")),
+            pct(rep["val_mrr"]), f"{rep['trainable_params']:,}", size, str(rep["epochs"]),
+            f"{rep['train_seconds']:.0f}", f"{rep['train_cpu_seconds']:.0f} |"]))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training.embedding REPORT.json ...`: print the results table of embedding reports."""
+    import sys
+
+    paths = list(argv if argv is not None else sys.argv[1:])
+    if not paths:
+        print("usage: python -m training.embedding REPORT.json ...", file=sys.stderr)
+        return 2
+    print(results_table([json.loads(Path(p).read_text()) for p in paths]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
