@@ -102,7 +102,7 @@ class LocalDeltaStore:
                     quota.check(owner, self._tasks.values(), name, len(data))
                 version = self._last_versions.get(name, 0) + 1
             kept_owner = owner if previous is None or owner is not None else previous.owner
-            info = TaskInfo.from_delta(name, version, data, delta, kept_owner)
+            info = TaskInfo.from_delta(name, version, data, delta, kept_owner, hidden_size=self.spec.hidden_size)
             path = self._path(name, version)
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, data)

@@ -195,7 +195,7 @@ class S3DeltaStore:
                 quota.check(owner, manifest.tasks.values(), name, len(data))
             version = manifest.last_versions.get(name, 0) + 1
             kept_owner = owner if previous is None or owner is not None else previous.owner
-            info = TaskInfo.from_delta(name, version, data, delta, kept_owner)
+            info = TaskInfo.from_delta(name, version, data, delta, kept_owner, hidden_size=self.spec.hidden_size)
             result.update(info=info, previous=manifest.objects.get(name), created=name not in manifest.tasks)
             manifest.tasks[name] = info
             manifest.objects[name] = key

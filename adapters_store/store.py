@@ -144,10 +144,18 @@ class TaskInfo:
     head_bytes: int = 0
     bytes_by_part: dict[str, int] = field(default_factory=dict)
     owner: str | None = None  # the tenant whose key created it; None: the operator's
+    # What the head reads (task-delta.md): cls or mean for sequence classification and embedding
+    # (None in entries written before pooling existed: cls), and an embedding's vector.
+    pooling: str | None = None
+    normalize: bool | None = None  # embedding only
+    embedding_size: int | None = None  # embedding only: D, the vector's length
 
     @classmethod
-    def from_delta(cls, name: str, version: int, data: bytes, delta: TaskDelta, owner: str | None = None) -> TaskInfo:
+    def from_delta(cls, name: str, version: int, data: bytes, delta: TaskDelta, owner: str | None = None,
+                   hidden_size: int | None = None) -> TaskInfo:
+        """`hidden_size` (the backbone's) sizes an embedding without a projection."""
         meta = delta.meta
+        embedding_size = delta.head.output_size(hidden_size) if meta.is_embedding and hidden_size else None
         return cls(
             name=name,
             version=version,
@@ -165,6 +173,9 @@ class TaskInfo:
             head_bytes=delta.head.nbytes,
             bytes_by_part=delta.bytes_by_part(),
             owner=owner,
+            pooling=meta.pooling,
+            normalize=meta.normalize if meta.is_embedding else None,
+            embedding_size=embedding_size,
         ).answerable()
 
     def answerable(self) -> TaskInfo:

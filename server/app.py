@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import dashboard, hf, oip, ops, tasks
+from server.api import dashboard, hf, oip, openai_compat, ops, tasks, tei
 from server.api.auth import Authenticated, document_security
 from server.api.errors import install_error_handlers
 from server.api.examples import add_examples
@@ -37,7 +37,7 @@ from server.settings import Settings
 
 log = logging.getLogger("deltaserve")
 
-PROTECTED_ROUTERS = (tasks.router, ops.router, oip.router, hf.router)
+PROTECTED_ROUTERS = (tasks.router, ops.router, oip.router, hf.router, openai_compat.router, tei.router)
 # Open to anyone: the health and the live/ready probes (a load balancer has no key), the dashboard's files
 # (the page asks for the key and sends it with every request).
 OPEN_ROUTERS = (ops.probes, oip.probes, dashboard.router)

@@ -333,6 +333,11 @@ class Backbone:
             out.append(text if count <= k else text[: ends[k - 1]])
         return out[0], out[1]
 
+    def token_count(self, text: str) -> int:
+        """Tokens `text` takes untruncated, with the special tokens the tokenizer adds around it."""
+        check_text(text)
+        return self._token_ends(text, 0)[0] + self.tokenizer.num_special_tokens_to_add(pair=False)
+
     def _token_ends(self, text: str, upto: int) -> tuple[int, list[int]]:
         """How many tokens `text` has (no special tokens), and the end offsets of the first `upto`.
 

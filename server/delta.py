@@ -10,13 +10,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from adapters_store.format import DeltaMeta, TaskDelta, parse_delta
+from adapters_store.format import DeltaMeta, TaskDelta, TaskHead, parse_delta
 from server.backbone import Backbone
 from server.parts import HEAD_KEEP, ModuleParts, PrepareContext, prepare_part
 from server.parts.pasta import PreparedPasta
 from server.parts.task_head import PreparedTaskHead
 
-__all__ = ["ModuleParts", "PreparedDelta", "prepare", "prepare_delta"]
+__all__ = ["BACKBONE_TASK", "BACKBONE_TASK_UNNORMALISED", "ModuleParts", "PreparedDelta", "builtin_tasks",
+           "prepare", "prepare_delta"]
+
+# The bare backbone's keys among the batcher's tasks: no stored task can have them (names start
+# with a letter or digit), so a task named like the backbone never shadows it, nor it the task.
+BACKBONE_TASK = ":backbone"
+BACKBONE_TASK_UNNORMALISED = ":backbone:unnormalised"  # TEI's `normalize: false`
 
 
 @dataclass(eq=False)
@@ -87,3 +93,22 @@ def prepare_delta(
     prepared = prepare(parse_delta(data, backbone.spec()), backbone, name, version, backend)
     prepared.load_seconds = time.perf_counter() - started
     return prepared
+
+
+def backbone_embedding(backbone: Backbone, backend: str | None = None, normalize: bool = True) -> PreparedDelta:
+    """The bare backbone as an embedding model (task-delta.md, Head): no parts, mean-pooled, normalised.
+
+    For a sentence-transformers model such as all-MiniLM-L6-v2 this is its own
+    `encode(..., normalize_embeddings=True)`. It runs in the mixed batch like any task.
+    """
+    meta = DeltaMeta(method="backbone", task_type="embedding", labels=(), backbone_fingerprint=backbone.fingerprint,
+                     description=f"the bare backbone {backbone.name}", pooling="mean", normalize=normalize)
+    return PreparedDelta(name=backbone.name, version=0, meta=meta,
+                         head=PreparedTaskHead(TaskHead(None, None), backbone.device, backbone.dtype, meta),
+                         backend=backend or backbone.backend)
+
+
+def builtin_tasks(backbone: Backbone, backend: str | None = None) -> dict[str, PreparedDelta]:
+    """The tasks the batcher knows without the store: the bare backbone, normalised or not."""
+    return {BACKBONE_TASK: backbone_embedding(backbone, backend),
+            BACKBONE_TASK_UNNORMALISED: backbone_embedding(backbone, backend, normalize=False)}

@@ -1,5 +1,6 @@
 """From one row's logits (a numpy array) to the JSON prediction of http-api.md.
 
+Embedding: the vector itself, `{"embedding": [floats]}` (float32 values).
 Sequence classification: softmax over the labels (float64, so scores keep full precision),
 and the raw logits; regression: the raw value. Token classification: one label per *word*, read from its first
 sub-token (or its last when the delta says `word_piece = last`), with character offsets
@@ -52,6 +53,8 @@ def predict_row(logits: np.ndarray, head: HeadInfo, text: EncodedText, source: s
         # Upload validation bounds every value, so this needs a delta that overflows on this very input.
         raise NonFiniteOutput("the task's output for this input is not finite (its delta overflows the forward "
                               "pass); the task needs a retrained delta")
+    if head.task_type == "embedding":
+        return {"embedding": logits.astype(np.float32).reshape(-1).tolist()}
     if head.task_type == "token-classification":
         if not isinstance(source, str):
             raise UnsupportedInput("token-classification tasks take single texts, not pairs")

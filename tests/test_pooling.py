@@ -255,3 +255,19 @@ def test_the_packaged_backbone_is_named_as_its_model_wherever_it_is_loaded_from(
     assert _display_name(packaged_model_path()) == PACKAGED_MODEL_NAME
     assert _display_name(packaged_model_path() + "/") == PACKAGED_MODEL_NAME
     assert _display_name("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
+
+
+def test_bare_minilm_is_sentence_transformers_own_encoding(minilm):
+    """The bare backbone as an embedding model = sentence-transformers' encode(normalize_embeddings=True)."""
+    from sentence_transformers import SentenceTransformer
+
+    from server.backbone import packaged_model_path
+    from server.delta import backbone_embedding
+
+    texts = ["A man is playing a guitar.", "deltaserve serves many tasks on one backbone",
+             "a 🤖 delight , truly ✨", "short", "The quick brown fox jumps over the lazy dog. " * 5]
+    model = SentenceTransformer(packaged_model_path(), device="cpu")
+    want = model.encode(texts, normalize_embeddings=True, convert_to_tensor=True, batch_size=8)
+    bare = backbone_embedding(minilm)
+    got = Engine(minilm).forward([Row(bare, text) for text in minilm.encode(texts)])
+    torch.testing.assert_close(torch.stack(got), want.float().cpu(), atol=1e-5, rtol=0)

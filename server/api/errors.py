@@ -5,7 +5,10 @@ mapped to status codes by the handlers `install_error_handlers` puts on the app.
 
 Under `/v2` (the Open Inference Protocol) and `/models/` (the Hugging Face Inference API shapes) the
 same sentence answers as `{"error": "<sentence>"}`, as those protocols do, and a malformed request
-is their 400 rather than 422.
+is their 400 rather than 422. Under `/v1` (OpenAI) it answers OpenAI's
+`{"error": {"message", "type", "param", "code"}}`, and at `/embed` (text-embeddings-inference)
+TEI's `{"error": "<sentence>", "error_type": "Validation" | "Overloaded" | ...}`, both with the
+status codes above (OpenAI's client reads 422 as UnprocessableEntityError, TEI itself answers 422).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from adapters_store.store import (
 )
 from server.backbone import InvalidText
 from server.batching import Overloaded, ShuttingDown
+from server.embeddings import NotAnEmbeddingModel, UnknownModel
 from server.postprocess import UnsupportedInput
 from server.service import Replaced, TooManyInputs
 from server.windows import BadStride
@@ -49,6 +53,8 @@ STATUS: dict[type[Exception], int] = {
     BadStride: 422,
     Replaced: 409,
     InvalidText: 422,
+    UnknownModel: 404,
+    NotAnEmbeddingModel: 422,
     StoreCorrupt: 500,  # the disk changed under the store: the operator's problem, said plainly
 }
 
@@ -58,13 +64,44 @@ def speaks_error_key(path: str) -> bool:
     return path == "/v2" or path.startswith(("/v2/", "/models/"))
 
 
+def speaks_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+# OpenAI's error `type` and `code` by status (its API says `invalid_request_error` for most 4xx).
+_OPENAI_CODES = {401: ("invalid_request_error", "invalid_api_key"), 403: ("invalid_request_error", "forbidden"),
+                 404: ("invalid_request_error", "model_not_found"), 413: ("invalid_request_error", "input_too_large"),
+                 422: ("invalid_request_error", "invalid_input"), 429: ("rate_limit_error", "rate_limit_exceeded")}
+
+
+def openai_error(status: int, detail: str) -> dict[str, object]:
+    kind, code = _OPENAI_CODES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    param = "model" if status == 404 else ("input" if status in (413, 422) and "input" in detail else None)
+    return {"error": {"message": detail, "type": kind, "param": param, "code": code}}
+
+
+def tei_error_type(status: int) -> str:
+    """TEI's `error_type`: Overloaded (429), Unhealthy (503), Backend (other 5xx), else Validation."""
+    return {429: "Overloaded", 503: "Unhealthy"}.get(status, "Backend" if status >= 500 else "Validation")
+
+
+def error_body(status: int, detail: str, path: str = "") -> tuple[int, dict[str, object]]:
+    """The status and JSON body an error answers with at `path`, in that protocol's own shape."""
+    if speaks_openai(path):
+        return status, openai_error(status, detail)
+    if path == "/embed":
+        return status, {"error": detail, "error_type": tei_error_type(status)}
+    if speaks_error_key(path):
+        return (400 if status == 422 else status), {"error": detail}
+    return status, {"detail": detail}
+
+
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
     # A sentence quoting the client's input may hold a lone surrogate, which UTF-8 cannot carry:
     # escaped, or answering the error would itself fail.
     detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
-    if speaks_error_key(path):
-        return JSONResponse({"error": detail}, status_code=400 if status == 422 else status, headers=headers)
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    status, body = error_body(status, detail, path)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def validation_detail(err: RequestValidationError) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api.errors import speaks_error_key
+from server.api.errors import error_body
 
 FINGERPRINT = "sha256:de66bc42eb878235190694c1d73c5823"
 
@@ -26,6 +26,7 @@ TASK_INFO = {
     "task_type": "sequence-classification", "labels": ["negative", "positive"], "description": "",
     "problem_type": "single_label", "max_length": 64, "word_piece": "first", "backbone_fingerprint": FINGERPRINT,
     "head_bytes": 3080, "bytes_by_part": {"KeepMask": 903168, "TaskHead": 3080}, "owner": None,
+    "pooling": "cls", "normalize": None, "embedding_size": None,
 }
 
 SEQUENCE_ANSWER = {"task": "sst2-mask", "version": 1, "predictions": [
@@ -70,6 +71,7 @@ BACKBONE = {
     "linear_modules": {"encoder.layer.0.attention.self.query": [384, 384],
                        "encoder.layer.0.intermediate.dense": [1536, 384],
                        "encoder.layer.0.output.dense": [384, 1536], "pooler.dense": [384, 384]},
+    "pooling": "mean",
 }
 
 METRICS = """# HELP deltaserve_requests_total HTTP requests answered
@@ -148,6 +150,28 @@ EXAMPLES.update({
     ("post", "/models/{name}"): {"request": {"inputs": "a gripping, funny film"}, "200": HF_TEXT_ANSWER},
 })
 
+# Embeddings (server/api/openai_compat.py, server/api/tei.py): the packaged MiniLM's own answers. A vector
+# has 384 numbers (the model's size, or an embedding task's projection); examples show its first four.
+CAT = [0.130237, -0.015773, -0.036717, 0.057986]
+CAT_2 = [0.099767, -0.012412, -0.031852, 0.072243]
+EMBEDDINGS_REQUEST = {"model": "all-MiniLM-L6-v2", "input": ["The cat sat on the mat.", "A cat was sitting on a mat."],
+                      "encoding_format": "float"}
+EMBEDDINGS_ANSWER = {"object": "list", "model": "all-MiniLM-L6-v2",
+                     "data": [{"object": "embedding", "index": 0, "embedding": CAT},
+                              {"object": "embedding", "index": 1, "embedding": CAT_2}],
+                     "usage": {"prompt_tokens": 19, "total_tokens": 19}}
+MODEL_CARD = {"id": "all-MiniLM-L6-v2", "object": "model", "created": 0, "owned_by": "deltaserve"}
+EMBEDDING_ANSWER = {"task": "retrieval", "version": 1, "predictions": [{"embedding": CAT}]}
+
+EXAMPLES.update({
+    ("post", "/v1/embeddings"): {"request": EMBEDDINGS_REQUEST, "200": EMBEDDINGS_ANSWER},
+    ("get", "/v1/models"): {"200": {"object": "list", "data": [
+        MODEL_CARD, {"id": "retrieval", "object": "model", "created": 1796119923, "owned_by": "deltaserve"}]}},
+    ("get", "/v1/models/{name}"): {"200": MODEL_CARD},
+    ("post", "/embed"): {"request": {"inputs": ["The cat sat on the mat.", "A cat was sitting on a mat."]},
+                         "200": [CAT, CAT_2]},
+})
+
 # Named alternatives shown beside the main example (OpenAPI `examples`).
 MORE = {
     ("post", "/tasks/{name}/predict", "request"): {
@@ -166,6 +190,9 @@ MORE = {
     ("post", "/v2/models/{name}/infer", "200"): {
         "sequence classification": {"value": INFER_ANSWER},
         "token classification (each element a JSON list)": {"value": NER_INFER_ANSWER},
+        "embedding (FP32 [n, D]; D numbers a row, four shown)": {"value": {
+            "model_name": "retrieval", "model_version": "1",
+            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 384], "data": CAT}]}},
     },
     ("post", "/models/{name}", "request"): {
         "text classification": {"value": {"inputs": "a gripping, funny film"}},
@@ -179,11 +206,24 @@ MORE = {
     ("post", "/models/{name}", "200"): {
         "text classification": {"value": HF_TEXT_ANSWER},
         "token classification": {"value": HF_TOKEN_ANSWER},
+        "feature extraction (an embedding task, one text)": {"value": CAT},
     },
     ("post", "/tasks/{name}/predict", "200"): {
         "sequence classification": {"value": SEQUENCE_ANSWER},
         "token classification": {"value": TOKEN_ANSWER},
         "regression": {"value": {"task": "stsb", "version": 3, "predictions": [{"value": 3.71}]}},
+        "embedding (D numbers a vector, four shown)": {"value": EMBEDDING_ANSWER},
+    },
+    ("post", "/v1/embeddings", "request"): {
+        "the bare backbone": {"value": EMBEDDINGS_REQUEST},
+        "an embedding task, base64 (the openai client's default)": {"value": {
+            "model": "retrieval", "input": "The cat sat on the mat.", "encoding_format": "base64"}},
+    },
+    ("post", "/v1/embeddings", "200"): {
+        "float": {"value": EMBEDDINGS_ANSWER},
+        "base64 (little-endian float32 bytes; four numbers shown)": {"value": {
+            "object": "list", "model": "retrieval", "usage": {"prompt_tokens": 9, "total_tokens": 9},
+            "data": [{"object": "embedding", "index": 0, "embedding": "5VwFPg42gbxIZBa9LINtPQ=="}]}},
     },
 }
 
@@ -245,8 +285,8 @@ def add_examples(app: FastAPI) -> None:
                             content["application/json"] = {}
                         _media_examples(content, known[status], MORE.get((method, path, status)))
                     elif status in ERRORS and "content" in response:
-                        key = "error" if speaks_error_key(path) else "detail"  # the protocols' own shape
-                        _media_examples(response["content"], {key: ERRORS[status]}, None)
+                        # in the protocol's own shape (OpenAI's, TEI's, {"error"}, {"detail"})
+                        _media_examples(response["content"], error_body(int(status), ERRORS[status], path)[1], None)
         app.openapi_schema = schema
         return schema
 

@@ -8,6 +8,7 @@ sends a URL model as is). The answers are those of the transformers pipelines:
   `top_k` keeps the k best, `function_to_apply` is `softmax` (default for several labels),
   `sigmoid` (default for one label) or `none` (the raw logits). A regression task answers its value
   as the score of its one label (`none` is its default: a sigmoid of a regression value means nothing).
+- feature extraction (an embedding task): the vector of a single text, a list of vectors for a list;
 - token classification: `[{"entity_group", "score", "word", "start", "end"}, ...]` per input;
   `aggregation_strategy` `simple` (default) or `first` merges B-/I- runs into entities, `none`
   answers each word with `entity`; `average` and `max` are refused (this server labels a word from
@@ -92,8 +93,11 @@ HF_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/models/{name}", response_model=list[list[LabelScore]] | list[TokenEntity] | list[list[TokenEntity]],
-             responses=HF_RESPONSES, summary="Hugging Face Inference API (text and token classification)")
+HfAnswer = list[list[LabelScore]] | list[TokenEntity] | list[list[TokenEntity]] | list[float] | list[list[float]]
+
+
+@router.post("/models/{name}", response_model=HfAnswer, responses=HF_RESPONSES,
+             summary="Hugging Face Inference API (text and token classification, feature extraction)")
 async def hf_inference(body: HfRequest, server: ServerDep, name: TaskName, caller: CallerDep) -> Response:
     """`InferenceClient(model=".../models/<task>").text_classification(...)` or `.token_classification(...)`."""
     info = server.task(name, caller)
@@ -104,6 +108,10 @@ async def hf_inference(body: HfRequest, server: ServerDep, name: TaskName, calle
         if not all(part.strip() for part in ([text] if isinstance(text, str) else text)):
             raise HTTPException(422, "inputs is an empty text" if single else f"inputs[{i}] has an empty text")
     params = body.parameters
+    if info.task_type == "embedding":  # the feature-extraction pipeline of a sentence encoder: one vector per input
+        _, answer = await server.predict(name, inputs, caller=caller)
+        vectors = [p["embedding"] for p in answer.predictions]
+        return JSONResponse(vectors[0] if single else vectors)
     if info.task_type == "token-classification":
         strategy = params.aggregation_strategy or "simple"
         if strategy in ("average", "max"):

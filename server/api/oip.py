@@ -7,7 +7,8 @@ input) and, for sentence-pair tasks, `text_pair` (BYTES, as many elements). Outp
   order of the model's `labels` parameter);
 - regression: `value` (FP64 [N]);
 - token classification: `entities` and `tokens` (BYTES [N], each element the JSON list that
-  `POST /tasks/{name}/predict` answers for that text).
+  `POST /tasks/{name}/predict` answers for that text);
+- embedding: `embedding` (FP32 [N, D], the vectors `/predict` gives, float32 as computed).
 
 Tensors travel as JSON or with the binary tensor data extension (the `Inference-Header-Content-Length`
 header; BYTES elements as 4-byte little-endian length + bytes), which `tritonclient` uses by
@@ -162,6 +163,8 @@ def _model(server: Server, name: str, version: str | None, caller: Caller = OPER
 
 
 def _outputs(info: TaskInfo) -> list[TensorMetadata]:
+    if info.task_type == "embedding":
+        return [TensorMetadata(name="embedding", datatype="FP32", shape=[-1, info.embedding_size or -1])]
     if info.task_type == "token-classification":
         return [TensorMetadata(name="entities", datatype="BYTES", shape=[-1]),
                 TensorMetadata(name="tokens", datatype="BYTES", shape=[-1])]
@@ -357,12 +360,18 @@ def _deserialize_bytes(raw: bytes, name: str) -> list[str]:
 def _serialize(datatype: str, values: list[Any]) -> bytes:
     if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(b)) + b for b in (v.encode("utf-8") for v in values))
-    return np.asarray(values, dtype="<f8").tobytes()
+    return np.asarray(values, dtype="<f4" if datatype == "FP32" else "<f8").tobytes()
 
 
 def _output_tensors(info: TaskInfo, predictions: list[dict[str, Any]]) -> dict[str, tuple[str, list[int], list[Any]]]:
     """name -> (datatype, shape, flat values), from the predictions `/predict` gives."""
     n = len(predictions)
+    if info.task_type == "embedding":
+        if not all("embedding" in p for p in predictions):  # replaced by a classifier while queued
+            raise HTTPException(409, f"task {info.name!r} was replaced by another type of task while this request "
+                                     "waited; try again")
+        width = len(predictions[0]["embedding"]) if predictions else 0
+        return {"embedding": ("FP32", [n, width], [x for p in predictions for x in p["embedding"]])}
     if info.task_type == "token-classification":
         return {"entities": ("BYTES", [n], [json.dumps(p["entities"]) for p in predictions]),
                 "tokens": ("BYTES", [n], [json.dumps(p["tokens"]) for p in predictions])}

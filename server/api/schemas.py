@@ -89,10 +89,14 @@ class TokenPrediction(BaseModel):
     entities: list[Entity]
 
 
+class EmbeddingPrediction(BaseModel):
+    embedding: list[float] = Field(description="an embedding task's vector (float32 values)")
+
+
 class PredictResponse(BaseModel):
     task: str
     version: int
-    predictions: list[SequencePrediction | RegressionPrediction | TokenPrediction]
+    predictions: list[SequencePrediction | RegressionPrediction | TokenPrediction | EmbeddingPrediction]
 
 
 class TaskList(BaseModel):

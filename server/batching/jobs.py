@@ -34,6 +34,7 @@ class Answer:
     task: str
     version: int
     predictions: list[Prediction]
+    tokens: int = 0  # tokens the rows ran with (special tokens included): the embeddings API's usage
 
 
 @dataclass(eq=False)

@@ -24,7 +24,7 @@ from adapters_store.store import DeltaStore, StoreCorrupt, TaskNotFound
 from server.backbone import Backbone, EncodedText, TextInput
 from server.batching.jobs import Answer, Item, Job, Outcome
 from server.cache import DeltaCache
-from server.delta import PreparedDelta, prepare_delta
+from server.delta import PreparedDelta, builtin_tasks, prepare_delta
 from server.engine import Engine, Planned, Row
 from server.postprocess import UnsupportedInput, predict_row
 
@@ -89,6 +89,8 @@ class BatchRunner:
         self.store = store
         self.tokenizer = tokenizer
         self.default_max_length = default_max_length
+        # Tasks that are not in the store: the bare backbone as an embedding model (never evicted).
+        self.builtin: dict[str, PreparedDelta] = builtin_tasks(backbone, engine.backend.name)
 
     def max_length(self, task_max_length: int | None) -> int:
         """Truncation for a task: its delta's max_length, else the server default."""
@@ -158,16 +160,19 @@ class BatchRunner:
             return err
         finally:
             job.outputs = {}  # the logits are no longer needed
-        return Answer(job.task, delta.version, predictions)
+        return Answer(job.task, delta.version, predictions, job.tokens)
 
     def _resolve_all(self, names: Sequence[str], pins: contextlib.ExitStack) -> dict[str, PreparedDelta | Exception]:
         """Each task's current version, every one pinned before any is loaded."""
         keys: dict[str, tuple[str, int] | Exception] = {}
         for name in names:
+            if name in self.builtin:
+                continue
             info = self.store.get_info(name)
             keys[name] = TaskNotFound(name) if info is None else (name, info.version)
         pins.enter_context(self.cache.pinned([k for k in keys.values() if not isinstance(k, Exception)]))
-        resolved: dict[str, PreparedDelta | Exception] = {}
+        resolved: dict[str, PreparedDelta | Exception] = {name: self.builtin[name] for name in names
+                                                          if name in self.builtin}
         for name, key in keys.items():
             resolved[name] = key if isinstance(key, Exception) else self._load(name, key[1], pins)
         return resolved
