@@ -55,7 +55,7 @@ def live(tokenizer, tmp_path_factory) -> Iterator[dict[str, Any]]:
         assert client.put("/tasks/beta-only", content=beta, headers={"Authorization": "Bearer beta-key"}).is_success
         upload = folder / "uploaded.safetensors"
         upload.write_bytes(build_delta(backbone, labels=("no", "maybe", "yes"), method="lora", seed=7))
-        yield {"url": url, "client": client, "upload": upload, "folder": folder}
+        yield {"url": url, "client": client, "upload": upload, "folder": folder, "backbone": backbone}
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +224,29 @@ def test_static_files_only_from_the_folder(live):
         response = client.get(path)
         assert response.status_code == 404 and "detail" in response.json()
     assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_embedding_try_it_compares_two_texts(live, browser):
+    """An embedding task's card: two texts in, their cosine similarity and the vector's size out."""
+    client: httpx.Client = live["client"]
+    data = build_delta(live["backbone"], parts=("lora",), task_type="embedding", projection=24, seed=5)
+    assert client.put("/tasks/similar", content=data, headers=ADMIN).status_code == 201
+    browser.get(live["url"] + "/")
+    use_key(browser, "reader")
+    card = wait_for(browser, ".try[data-task=similar]")
+    severe(browser)  # the page's first requests went out with the last test's wrong key: 401s, logged
+    assert card.find_element(By.CSS_SELECTOR, "button.predict").text == "Compare"
+    first, second = "A man is playing a guitar.", "Someone plays an instrument."
+    card.find_element(By.CSS_SELECTOR, "textarea").clear()
+    card.find_element(By.CSS_SELECTOR, "textarea").send_keys(first)
+    card.find_element(By.CSS_SELECTOR, "input.text-b").clear()
+    card.find_element(By.CSS_SELECTOR, "input.text-b").send_keys(second)
+    card.find_element(By.CSS_SELECTOR, "button.predict").click()
+    shown = wait_for(card, ".cosine")
+    vectors = [p["embedding"] for p in client.post("/tasks/similar/predict",
+                                                   json={"inputs": [first, second]}).json()["predictions"]]
+    dot = sum(a * b for a, b in zip(*vectors, strict=True))
+    norms = [sum(x * x for x in v) ** 0.5 for v in vectors]
+    assert float(shown.get_attribute("data-value")) == pytest.approx(dot / (norms[0] * norms[1]), abs=1e-9)
+    assert card.find_element(By.CSS_SELECTOR, ".size").get_attribute("data-size") == "24"
+    assert severe(browser) == []

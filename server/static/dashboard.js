@@ -9,7 +9,9 @@ const SVG = "http://www.w3.org/2000/svg";
 const EXAMPLES = {
   "sequence-classification": "a gripping, funny film with a terrific cast",
   "token-classification": "Angela Merkel met Emmanuel Macron in Paris to talk about Airbus.",
+  "embedding": "A man is playing a guitar.",
 };
+const EMBEDDING_SECOND = "Someone plays an instrument.";
 
 // ------------------------------------------------------------------ small helpers
 
@@ -88,12 +90,16 @@ function renderTryCards(tasks) {
 
 function tryCard(task) {
   const tokens = task.task_type === "token-classification";
+  // An embedding task compares two texts: both vectors in one request, their cosine similarity shown.
+  const embedding = task.task_type === "embedding";
   const text = el("textarea", { class: "text-a", "aria-label": `text for ${task.name}` });
   text.value = EXAMPLES[task.task_type] || "";
-  const textB = tokens ? null : el("input", { class: "text-b", placeholder: "second text (sentence-pair tasks only)",
+  const textB = tokens ? null : el("input", { class: "text-b",
+    placeholder: embedding ? "second text, to compare with the first" : "second text (sentence-pair tasks only)",
     "aria-label": `second text for ${task.name}` });
+  if (embedding) textB.value = EMBEDDING_SECOND;
   const result = el("div", { class: "result" });
-  const button = el("button", { type: "button", class: "predict", text: "Predict" });
+  const button = el("button", { type: "button", class: "predict", text: embedding ? "Compare" : "Predict" });
   const card = el("div", { class: "try", "data-task": task.name },
     el("h3", {}, el("code", { text: task.name }), " ", el("span", { class: "muted", text: `${task.method} · ${task.task_type}` })),
     text, ...(textB ? [textB] : []), button, result);
@@ -102,11 +108,13 @@ function tryCard(task) {
     const a = text.value;
     const b = textB ? textB.value.trim() : "";
     try {
+      if (embedding && !b) throw new Error("type a second text to compare the first with");
       const answer = await api(`tasks/${encodeURIComponent(task.name)}/predict`, {
         method: "POST", headers: { "content-type": "application/json" },
-        body: JSON.stringify({ inputs: b ? [[a, b]] : a }),
+        body: JSON.stringify({ inputs: embedding ? [a, b] : (b ? [[a, b]] : a) }),
       });
-      showPrediction(result, answer.predictions[0], a, answer.version);
+      if (embedding) showSimilarity(result, answer.predictions, answer.version);
+      else showPrediction(result, answer.predictions[0], a, answer.version);
     } catch (err) {
       result.replaceChildren(el("p", { class: "error", text: err.message }));
     } finally {
@@ -114,6 +122,19 @@ function tryCard(task) {
     }
   });
   return card;
+}
+
+// Cosine similarity of the two texts' vectors (their dot product when the task normalises them).
+function showSimilarity(result, predictions, version) {
+  const [u, v] = predictions.map((p) => p.embedding);
+  let dot = 0, uu = 0, vv = 0;
+  for (let i = 0; i < u.length; i += 1) { dot += u[i] * v[i]; uu += u[i] * u[i]; vv += v[i] * v[i]; }
+  const cosine = dot / Math.sqrt(uu * vv);
+  result.replaceChildren(
+    el("p", {}, "cosine similarity ", el("span", { class: "verdict cosine", "data-value": String(cosine),
+      text: cosine.toFixed(4) })),
+    el("p", { class: "muted small size", "data-size": String(u.length),
+      text: `vectors of ${u.length} numbers · answered by version ${version}` }));
 }
 
 function showPrediction(result, prediction, text, version) {
