@@ -232,7 +232,7 @@ def test_embedding_try_it_compares_two_texts(live, browser):
     data = build_delta(live["backbone"], parts=("lora",), task_type="embedding", projection=24, seed=5)
     assert client.put("/tasks/similar", content=data, headers=ADMIN).status_code == 201
     browser.get(live["url"] + "/")
-    use_key(browser, "reader")
+    use_key(browser, "s3cret")  # the operator's: it sees the operator's task
     card = wait_for(browser, ".try[data-task=similar]")
     severe(browser)  # the page's first requests went out with the last test's wrong key: 401s, logged
     assert card.find_element(By.CSS_SELECTOR, "button.predict").text == "Compare"
