@@ -271,3 +271,28 @@ def test_embedding_and_classification_rows_share_forwards_under_concurrency(serv
     finally:
         server.runner.engine.run = run
     assert any({"embedding", "sequence-classification"} <= kinds for kinds in batches), batches
+
+
+def test_a_tenants_embedding_task_is_its_own(tiny_backbone, tmp_path):
+    """A tenant sees the backbone and its own embedding tasks; another tenant's is unknown (404), as everywhere."""
+    from http_helpers import served as served_app
+
+    from server.tenants import key_hash
+
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.acme]\nkeys = ["sha256:{key_hash("acme-key")}"]\n\n'
+                       f'[tenants.beta]\nkeys = ["sha256:{key_hash("beta-key")}"]\n')
+    acme, beta = {"Authorization": "Bearer acme-key"}, {"Authorization": "Bearer beta-key"}
+    with served_app(tiny_backbone, tmp_path / "store", tenants_file=tenants) as client:
+        data = build_delta(tiny_backbone, task_type="embedding", seed=6)
+        assert client.put("/tasks/acme-emb", content=data, headers=acme).status_code == 201
+        models = {h["Authorization"]: [m["id"] for m in client.get("/v1/models", headers=h).json()["data"]]
+                  for h in (acme, beta, ADMIN)}
+        assert models == {acme["Authorization"]: ["tiny-bert", "acme-emb"], beta["Authorization"]: ["tiny-bert"],
+                          ADMIN["Authorization"]: ["tiny-bert", "acme-emb"]}
+        body = {"model": "acme-emb", "input": "hi"}
+        assert client.post("/v1/embeddings", json=body, headers=acme).status_code == 200
+        refused = client.post("/v1/embeddings", json=body, headers=beta)
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+        assert client.post("/v1/embeddings", json={"model": "tiny-bert", "input": "hi"}, headers=beta).is_success
+        assert client.post("/embed", json={"inputs": "hi"}, headers=beta).is_success

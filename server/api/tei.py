@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
+from server.api.auth import CallerDep
 from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep
 from server.backbone import InvalidText, check_text
@@ -65,14 +66,14 @@ class EmbedRequest(BaseModel):
 
 
 @router.post("/embed", response_model=list[list[float]], responses=TEI_ERRORS, summary="Embed (TEI)")
-async def tei_embed(body: EmbedRequest, server: ServerDep) -> Response:
+async def tei_embed(body: EmbedRequest, server: ServerDep, caller: CallerDep) -> Response:
     """The bare backbone's vector of each input: what `GET /backbone` names, mean-pooled."""
     if body.prompt_name is not None:
         raise HTTPException(422, "prompt_name is not supported: this server has no prompts")
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     if not body.truncate:
         await _refuse_over_long(server, texts)
-    result = await embed(server, server.backbone.name, list(texts), normalize=body.normalize)
+    result = await embed(server, server.backbone.name, list(texts), normalize=body.normalize, caller=caller)
     return JSONResponse(result.vectors)
 
 
