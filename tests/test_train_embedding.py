@@ -264,9 +264,9 @@ def test_train_command_finetune_reports_without_a_delta(tmp_path, tiny_folder):
     evaluation = _write(tmp_path / "eval.tsv", PAIRS[:2])
     rc = main(["train", "--method", "finetune", "--task-type", "embedding", "--train", str(train), "--eval",
                str(evaluation), "--val-fraction", "0.34", "--backbone", str(tiny_folder), "--epochs", "1",
-               "--text-column", "first", "--pair-column", "second",
+               "--text-column", "first", "--pair-column", "second", "--no-baseline",
                "--batch-size", "4", "--report", str(tmp_path / "r.json"), "--quiet"])
     assert rc == 0
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["delta_bytes"] is None and rep["method"] == "finetune"
+    assert rep["delta_bytes"] is None and rep["method"] == "finetune" and rep["backbone_eval"] is None
 

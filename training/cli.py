@@ -38,6 +38,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--positive-label", default="1",
                        help="embedding: the label of a matching pair; only matching pairs train, and evaluation "
                        "scores the others too (best-threshold F1)")
+    train.add_argument("--no-baseline", dest="baseline", action="store_false",
+                       help="embedding: do not score the bare backbone on --eval before training (the report's "
+                       "backbone_eval)")
     train.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
     train.add_argument("--epochs", type=int, help="fixed budget (default: stop when the validation score has not "
                        "improved for the method's patience, under the method's cap)")
@@ -139,7 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs, patience=args.patience, warmup_ratio=args.warmup_ratio,
         device=args.device, precision=args.precision,
         text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
-        positive_label=args.positive_label,
+        positive_label=args.positive_label, baseline=args.baseline,
         backbone=args.backbone, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, head_pooler=args.head_pooler, word_piece=args.word_piece,

@@ -21,7 +21,8 @@ Evaluation on held-out pairs, with the vectors the delta serves (mean pooled, L2
 
 Training (`train_embedding`, which `training.trainer.train` hands `--task-type embedding` to)
 selects its epoch on validation MRR (a split carved from the training pairs, or `--val`) and
-scores the bare backbone on `--eval` first, so every report carries its own baseline.
+scores the bare backbone on `--eval` first, so every report carries its own baseline
+(`--no-baseline` skips it when several methods are compared on the same data).
 """
 
 from __future__ import annotations
@@ -278,7 +279,10 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
     torch.manual_seed(settings.seed)
     model = DeltaModel(backbone, "embedding", 0)
     tick = time.perf_counter()
-    bare = evaluate_pairs(model, eval_pairs, index, settings.batch_size, autocast)  # before any part exists
+    bare = None
+    if settings.baseline:  # before any part exists: the bare backbone
+        bare = {k.replace("eval_", ""): v for k, v in
+                evaluate_pairs(model, eval_pairs, index, settings.batch_size, autocast).items()}
     bare_seconds = time.perf_counter() - tick
     method.setup(model, TaskInfo("embedding", 0, False))
 
@@ -351,8 +355,8 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
     report = {
         **metrics,
         **best["val"],
-        "backbone_eval": {k.replace("eval_", ""): v for k, v in bare.items()},
-        "backbone_eval_seconds": round(bare_seconds, 1),
+        "backbone_eval": bare,
+        "backbone_eval_seconds": round(bare_seconds, 1) if bare is not None else None,
         "loss": f"in-batch negatives ranking (MultipleNegativesRankingLoss), cosine x {SCALE:g}",
         "best_epoch": best["epoch"],
         "epochs": epoch,
@@ -396,13 +400,16 @@ ORDER = ("finetune", "mask", "lora", "dsee", "pasta")
 
 
 def results_table(reports: Sequence[dict]) -> str:
-    """RESULTS.md's table of embedding reports: the bare backbone (from the first report), then one row each."""
+    """RESULTS.md's table of embedding reports: the bare backbone (from a report that scored it), then one
+    row each."""
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.2f}"
 
     lines = ["| model | recall@1 | MRR | best-threshold F1 | val MRR (selects) | trainable params | delta bytes "
              "| epochs | train s (wall) | train s (CPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    bare = reports[0]["backbone_eval"]
+    bare = next((r["backbone_eval"] for r in reports if r.get("backbone_eval")), None)
+    if bare is None:
+        raise ValueError("no report scored the bare backbone (all ran with --no-baseline)")
     lines.append(f"| bare backbone | {pct(bare['recall_at_1'])} | {pct(bare['mrr'])} | {pct(bare.get('f1'))} "
                  "| – | 0 | 0 | – | – | – |")
     for rep in sorted(reports, key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER)):

@@ -60,6 +60,7 @@ class TrainSettings:
     text_pair_column: str | None = None
     label_column: str | None = None
     positive_label: str = "1"  # embedding: the label of a matching pair (only matching pairs train)
+    baseline: bool = True  # embedding: score the bare backbone on --eval before training
     backbone: str | None = None
     epochs: int | None = None  # fixed budget; None: early stopping under max_epochs
     max_epochs: int | None = None  # None: the method's recipe
