@@ -42,10 +42,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                        help="embedding: do not score the bare backbone on --eval before training (the report's "
                        "backbone_eval)")
     train.add_argument("--backbone", help="backbone folder (default: the packaged MiniLM)")
-    train.add_argument("--epochs", type=int, help="fixed budget (default: stop when the validation score has not "
-                       "improved for the method's patience, under the method's cap)")
-    train.add_argument("--max-epochs", type=int, help="cap under early stopping (default: the method's)")
-    train.add_argument("--patience", type=int, help="epochs without improvement before stopping (default: method's)")
+    train.add_argument("--epochs", type=int, help="the budget: the learning rate decays to 0 at its end, and the "
+                       "kept epoch is the best of its annealed part on validation (default: the method's recipe)")
+    train.add_argument("--stop-drop", type=float, help="stop early when the validation score falls this many "
+                       "standard errors under its best; 0: never (default: the method's recipe, 2)")
     train.add_argument("--lr", type=float, help="learning rate (default: the method's recipe)")
     train.add_argument("--head-lr", type=float,
                        help="classifier learning rate (default: the method's head lr, else --lr)")
@@ -56,6 +56,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-train-examples", type=int, help="train on a seeded random subset of this size")
     train.add_argument("--max-eval-examples", type=int, help="evaluate on a seeded random subset")
     train.add_argument("--head-pooler", action="store_true", help="train a task pooler (head.pooler) too")
+    train.add_argument("--head-fit", action=argparse.BooleanOptionalAction, default=None,
+                       help="fit the classifier on the frozen features before training (default: the method's)")
+    train.add_argument("--pooling", choices=("cls", "mean"),
+                       help="sequence classification: what the head reads, the first token or the mean of the "
+                       "tokens (default: what the backbone was trained with, from its sentence-transformers "
+                       "1_Pooling/config.json; else cls)")
     train.add_argument("--word-piece", choices=("first", "last"), default="first")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: the fastest of 1, 2, 4... measured)")
     train.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
@@ -139,7 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         method=args.method, task_type=args.task_type, train=args.train, eval=args.eval,
         val=args.val, val_fraction=args.val_fraction, max_val_examples=args.max_val_examples,
-        max_epochs=args.max_epochs, patience=args.patience, warmup_ratio=args.warmup_ratio,
+        stop_drop=args.stop_drop, warmup_ratio=args.warmup_ratio, head_fit=args.head_fit, pooling=args.pooling,
         device=args.device, precision=args.precision,
         text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
         positive_label=args.positive_label, baseline=args.baseline,

@@ -241,14 +241,15 @@ def load_pair_data(settings) -> tuple[list[Pair], list[Pair], list[Pair], str]:
     return train, val, evaluation, source
 
 
-def embedding_optimizer(model: DeltaModel, method: Method, settings) -> torch.optim.Optimizer:
+def embedding_optimizer(model: DeltaModel, method: Method, settings, lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW: the method's parameters at its rate, a projection head (if any) at the head rate."""
     lr = settings.lr if settings.lr is not None else method.recipe.lr
     head_lr = settings.head_lr if settings.head_lr is not None else (method.recipe.head_lr or lr)
     head = [p for p in model.projection.parameters() if p.requires_grad] if model.projection is not None else []
     head_ids = {id(p) for p in head}
     body = [p for p in model.trainable_parameters() if id(p) not in head_ids]
-    return torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.0)
+    return torch.optim.AdamW([{"name": "body", "params": body, "lr": lr * lr_scale},
+                              {"name": "head", "params": head, "lr": head_lr * lr_scale}], weight_decay=0.0)
 
 
 def batch_loss(model: DeltaModel, pairs: Sequence[Pair], group: Sequence[int], index: TextIndex,
@@ -263,7 +264,7 @@ def batch_loss(model: DeltaModel, pairs: Sequence[Pair], group: Sequence[int], i
 
 def train_embedding(settings, method: Method, backbone: Backbone | None = None, progress: bool = True):
     """`train()` for `task_type` embedding: same settings, same report keys where they apply."""
-    from training.trainer import TrainResult, _restore, _snapshot, autocast_for, schedule, write_atomic
+    from training.trainer import PhaseBudget, TrainResult, _restore, autocast_for, write_atomic
 
     random.seed(settings.seed)
     run_started = time.perf_counter()
@@ -287,8 +288,11 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
     method.setup(model, TaskInfo("embedding", 0, False))
 
     recipe = method.recipe
-    phases = method.phases(settings.epochs, settings.max_epochs or recipe.max_epochs,
-                           settings.patience if settings.patience is not None else recipe.patience)
+    budget = settings.epochs if settings.epochs is not None else recipe.epochs
+    if budget < 1:
+        raise ValueError(f"--epochs must be at least 1, got {budget}")
+    phases = method.phases(budget)
+    stop_drop = settings.stop_drop if settings.stop_drop is not None else recipe.stop_drop
     warmup_ratio = settings.warmup_ratio if settings.warmup_ratio is not None else recipe.warmup_ratio
     rng = random.Random(settings.seed)
     steps_per_epoch = len(pair_batches(train_pairs, settings.batch_size, random.Random(settings.seed)))
@@ -305,10 +309,10 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
             assert best is not None
             _restore(model, best["state"])
             method.before_phase(model, phase_index)
-        optimizer = embedding_optimizer(model, method, settings)
-        total_steps = max(phase.epochs * steps_per_epoch, 1)
-        scheduler = schedule(optimizer, total_steps, min(int(warmup_ratio * total_steps), steps_per_epoch))
-        best, since_best = None, 0
+        optimizer = embedding_optimizer(model, method, settings, phase.lr_scale)
+        phase_budget = PhaseBudget(optimizer, phase, steps_per_epoch, warmup_ratio, recipe.select_from, stop_drop,
+                                   len(val_pairs), "MRR")
+        scheduler = phase_budget.scheduler
         for phase_epoch in range(1, phase.epochs + 1):
             epoch += 1
             model.train()
@@ -327,23 +331,19 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
             steps += len(groups)
             val = {k.replace("eval_", "val_"): v for k, v in
                    evaluate_pairs(model, val_pairs, index, settings.batch_size, autocast).items()}
-            history.append({"epoch": epoch, "phase": phase.name, "steps": steps, "train_loss": running, **val,
+            history.append({"epoch": epoch, "phase": phase.name, "steps": steps, "train_loss": running,
+                            "lr_factor": phase_budget.lr_factor(), **val,
                             "seconds": round(time.perf_counter() - started, 1)})
             if progress:
                 tqdm.write(f"epoch {epoch} ({phase.name}): val_mrr={val['val_mrr']:.4f}, "
                            f"val_recall_at_1={val['val_recall_at_1']:.4f}")
-            if best is None or val["val_mrr"] > best["score"]:
-                best = {"epoch": epoch, "score": val["val_mrr"], "state": _snapshot(model), "val": val}
-                since_best = 0
-            else:
-                since_best += 1
-            if not phase.fixed and since_best >= phase.patience:
-                stopped.append(f"{phase.name}: no better validation MRR for {phase.patience} epoch(s) after "
-                               f"epoch {best['epoch']}; stopped at epoch {epoch}")
+            reason = phase_budget.observe(model, epoch, phase_epoch, val["val_mrr"], val)
+            if reason:
+                stopped.append(reason)
                 break
         else:
-            stopped.append(f"{phase.name}: ran {'its fixed' if phase.fixed else 'to its cap of'} "
-                           f"{phase.epochs} epoch(s)")
+            stopped.append(phase_budget.finished())
+        best = phase_budget.best
     train_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     assert best is not None
     _restore(model, best["state"])
@@ -361,9 +361,10 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
         "best_epoch": best["epoch"],
         "epochs": epoch,
         "steps": steps,
-        "selection": "best epoch of the last phase by validation MRR; --eval is only reported",
+        "selection": "best epoch of the last phase's annealed part by validation MRR; --eval is only reported",
         "validation": val_source,
-        "budget": "fixed (--epochs)" if settings.epochs is not None else "early stopping on validation",
+        "budget": f"{budget} epoch(s), annealed to 0; early stop on a validation drop over {stop_drop:g} standard "
+                  "errors" if stop_drop > 0 else f"{budget} epoch(s), annealed to 0; no early stop",
         "stopped": stopped,
         "method": method.name,
         "task_type": "embedding",

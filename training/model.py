@@ -31,7 +31,7 @@ from adapters_store.format import (
 from adapters_store.formula import effective_weight
 from adapters_store.packing import pack_bits, unpack_bits
 from server.backbone import Backbone
-from server.pooling import l2_normalize, pool
+from server.pooling import POOLING_MODES, l2_normalize, pool
 
 
 class BinaryStep(torch.autograd.Function):
@@ -126,13 +126,26 @@ class DeltaModel(nn.Module):
         *,
         head_pooler: bool = False,
         word_piece: str = "first",
+        pooling: str | None = None,
     ) -> None:
         super().__init__()
+        pooling = pooling or ("mean" if task_type == "embedding" else "cls")
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, not {pooling!r}")
+        if pooling == "mean" and task_type == "token-classification":
+            raise ValueError("mean pooling is for sequence classification and embeddings (a token task reads "
+                             "every token)")
+        # Training needs float32 master weights: AdamW's updates (and its eps) vanish in float16.
+        if any(p.dtype != torch.float32 for p in backbone.model.parameters()):
+            raise ValueError("training needs a float32 backbone (load it with dtype=torch.float32; autocast "
+                             "gives the speed of half precision)")
         self.backbone = backbone
         self.encoder = backbone.model
-        self.device = backbone.device
+        # where the weights are (the backbone's device): everything the model creates goes there
+        self.device = next(backbone.model.parameters()).device
         self.task_type = task_type
         self.word_piece = word_piece
+        self.pooling = pooling
         d = backbone.hidden_size
         # An embedding task has no classifier: its answer is the pooled vector (task-delta.md, Head),
         # mean pooled and L2-normalised, through a linear `projection` when it has one.
@@ -142,7 +155,6 @@ class DeltaModel(nn.Module):
             nn.init.normal_(classifier.weight, std=0.02)
             nn.init.zeros_(classifier.bias)
             self.classifier = DeltaLinear(classifier.to(self.device))
-        self.pooling = "mean" if task_type == "embedding" else "cls"
         self.normalize = True
         self.projection: nn.Linear | None = None
         self.pooler: nn.Linear | None = None
@@ -150,7 +162,7 @@ class DeltaModel(nn.Module):
             if task_type != "sequence-classification":
                 raise ValueError("a task pooler is only for sequence classification")
             self.pooler = nn.Linear(d, d, device=self.device)
-            if backbone.has_pooler:  # start from the pretrained pooler: it already fits [CLS]
+            if backbone.has_pooler and pooling == "cls":  # start from the pretrained pooler: it reads [CLS]
                 with torch.no_grad():
                     self.pooler.load_state_dict(self.encoder.get_submodule("pooler.dense").state_dict())
         self.deltas: dict[str, DeltaLinear] = {}
@@ -231,8 +243,20 @@ class DeltaModel(nn.Module):
         assert self.classifier is not None
         if self.task_type == "token-classification":
             return self.classifier(hidden)
-        pooled = out.pooler_output if self.backbone.has_pooler else None
-        return self.classifier(self.backbone.sequence_features(hidden, pooled, self.pooler))
+        pooled = out.pooler_output if self.backbone.has_pooler and self.pooling == "cls" else None
+        return self.classifier(self.backbone.sequence_features(hidden, pooled, self.pooler, self.pooling,
+                                                               attention_mask))
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the classifier reads for `batch` ([N, d] or [N, L, d]), without gradients."""
+        captured: list[torch.Tensor] = []
+        handle = self.classifier.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                self.run(batch)
+        finally:
+            handle.remove()
+        return captured[0]
 
     def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`forward` on a collated batch (moved to the model's device; labels ignored)."""
@@ -306,14 +330,20 @@ class DeltaModel(nn.Module):
                 self.pooler.weight.copy_(head.pooler_weight.float())
                 self.pooler.bias.copy_(head.pooler_bias.float())
         self.word_piece = delta.meta.word_piece
+        self.pooling = delta_pooling(delta.meta)
         if delta.meta.is_embedding:
-            self.pooling = str(delta.meta.pooling)
             self.normalize = delta.meta.normalize
         self.requires_grad_(False)
 
 
+def delta_pooling(meta: DeltaMeta) -> str:
+    """A delta's `pooling` for the trainer's model: `cls` for token classification (every token is read)."""
+    return meta.pooling if meta.task_type != "token-classification" and meta.pooling else "cls"
+
+
 def model_from_delta(backbone: Backbone, delta: TaskDelta) -> DeltaModel:
     """A frozen `DeltaModel` computing exactly what `delta` specifies on `backbone`."""
-    model = DeltaModel(backbone, delta.meta.task_type, len(delta.meta.labels), word_piece=delta.meta.word_piece)
+    model = DeltaModel(backbone, delta.meta.task_type, len(delta.meta.labels), word_piece=delta.meta.word_piece,
+                       pooling=delta_pooling(delta.meta))
     model.load_delta(delta)
     return model.eval()

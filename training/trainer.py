@@ -1,13 +1,14 @@
 """The training loop: data in, best-epoch delta and a JSON report out.
 
 One `train()` call reads the files, carves a validation split out of the training data (or
-reads `--val`), builds a `DeltaModel` on a fresh backbone, lets the method choose what trains,
-and runs AdamW with linear warm-up and decay, phase by phase (DSEE: dense, then prune and
-retrain). After every epoch the model is scored on the validation split; by default training
-stops once that score has not improved for the recipe's patience (under a cap), and `--epochs`
-forces a fixed budget instead. The best validation epoch of the last phase is restored, exported
-(validated by `parse_delta` against the backbone) and only then scored on `--eval`, which is
-reported and never used to choose anything.
+reads `--val`), builds a `DeltaModel` on a fresh float32 backbone, lets the method choose what
+trains (the readout in its own parameter group, optionally fitted on frozen features first),
+and runs AdamW phase by phase (DSEE: dense, then prune and retrain), each phase over an
+annealed budget (`PhaseBudget`): warm-up, then a linear decay reaching 0 at the budget's end.
+After every epoch the model is scored on the validation split; the kept epoch is the best of
+the budget's annealed part, and training stops early only on a drop larger than the validation
+noise. The kept epoch is restored, exported (validated by `parse_delta` against the backbone)
+and only then scored on `--eval`, which is reported and never used to choose anything.
 
 Speed: the backbone's device (CUDA when present) with bf16 autocast there (fp16 with a gradient
 scaler where bf16 is missing); on CPU the thread count that measures fastest on a real batch
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -42,7 +44,7 @@ from training.data import (
     read_examples,
     split_validation,
 )
-from training.methods import Method, TaskInfo
+from training.methods import Method, Phase, TaskInfo
 from training.metrics import accuracy, binary_f1, entity_f1, mcc
 from training.model import DeltaModel
 
@@ -62,9 +64,8 @@ class TrainSettings:
     positive_label: str = "1"  # embedding: the label of a matching pair (only matching pairs train)
     baseline: bool = True  # embedding: score the bare backbone on --eval before training
     backbone: str | None = None
-    epochs: int | None = None  # fixed budget; None: early stopping under max_epochs
-    max_epochs: int | None = None  # None: the method's recipe
-    patience: int | None = None  # None: the method's recipe
+    epochs: int | None = None  # the budget (the schedule reaches 0 at its end); None: the method's recipe
+    stop_drop: float | None = None  # early stop on a validation drop of this many standard errors; 0: never
     lr: float | None = None
     head_lr: float | None = None
     batch_size: int = 32
@@ -73,6 +74,8 @@ class TrainSettings:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     head_pooler: bool = False
+    head_fit: bool | None = None  # fit the classifier on frozen features first; None: the method's recipe
+    pooling: str | None = None  # cls | mean (sequence classification); None: the backbone's own, else cls
     word_piece: str = "first"
     warmup_ratio: float | None = None  # None: the method's recipe
     threads: int | None = None  # None: probe on CPU
@@ -152,31 +155,148 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def resolve_pooling(settings: TrainSettings, backbone: Backbone) -> str:
+    """The delta's `pooling`: the flag, else what the backbone was trained with, else `cls`
+    (token classification reads every token: always `cls`, never written)."""
+    if settings.task_type != "sequence-classification":
+        if settings.pooling == "mean":
+            raise ValueError("--pooling mean is for sequence classification")
+        return "cls"
+    return settings.pooling or backbone.trained_pooling or "cls"
+
+
 def build_model(settings: TrainSettings, method: Method, backbone: Backbone, labels: list[str],
                 pairs: bool) -> DeltaModel:
     torch.manual_seed(settings.seed)
     model = DeltaModel(backbone, settings.task_type, len(labels), head_pooler=settings.head_pooler,
-                       word_piece=settings.word_piece)
+                       word_piece=settings.word_piece, pooling=resolve_pooling(settings, backbone))
     method.setup(model, TaskInfo(settings.task_type, len(labels), pairs))
     return model
 
 
-def optimizer_for(model: DeltaModel, method: Method, settings: TrainSettings) -> torch.optim.Optimizer:
-    lr = settings.lr if settings.lr is not None else method.recipe.lr
-    # The head starts random; some methods want it faster than their own parameters (mask scores).
-    head_lr = settings.head_lr if settings.head_lr is not None else (method.recipe.head_lr or lr)
-    head_ids = {id(p) for p in model.classifier.parameters()}
+def readout_parameters(model: DeltaModel) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the readout: the classifier and the task pooler."""
+    ids = {id(p) for p in model.classifier.parameters()}
     if model.pooler is not None:
-        head_ids |= {id(p) for p in model.pooler.parameters()}
+        ids |= {id(p) for p in model.pooler.parameters()}
+    return [p for p in model.trainable_parameters() if id(p) in ids]
+
+
+def optimizer_for(model: DeltaModel, method: Method, settings: TrainSettings,
+                  lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW with two groups: `body` (the method's own parameters) at the method's rate and `head`
+    (the readout, which starts random or freshly fitted) at its own rate."""
+    lr = settings.lr if settings.lr is not None else method.recipe.lr
+    head_lr = settings.head_lr if settings.head_lr is not None else (method.recipe.head_lr or lr)
+    head = readout_parameters(model)
+    head_ids = {id(p) for p in head}
     body = [p for p in model.trainable_parameters() if id(p) not in head_ids]
-    head = [p for p in model.trainable_parameters() if id(p) in head_ids]
-    return torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.0)
+    return torch.optim.AdamW([{"name": "body", "params": body, "lr": lr * lr_scale},
+                              {"name": "head", "params": head, "lr": head_lr * lr_scale}], weight_decay=0.0)
 
 
 def schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total_steps` (the phase's cap)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(total_steps - s, 0) / max(total_steps - warmup, 1)))
+    """Linear warm-up over `warmup` steps, then linear decay reaching 0 at `total_steps`, the
+    budget's end (the factor for step s is applied before step s + 1 runs)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(total_steps - step, 0) / max(total_steps - warmup, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def validation_noise(score: float, examples: int) -> float:
+    """Standard error of a validation score read as a proportion over `examples` rows
+    (exact for accuracy, an approximation for F1)."""
+    return math.sqrt(max(score * (1.0 - score), 1.0 / max(examples, 1)) / max(examples, 1))
+
+
+def annealed_from(epochs: int, select_from: float) -> int:
+    """The first epoch (1-based) of a phase of `epochs` whose validation score may be kept."""
+    return min(epochs, max(1, math.ceil(select_from * epochs)))
+
+
+class PhaseBudget:
+    """One phase's annealed budget: its optimiser schedule, which epoch is kept, when to stop early.
+
+    The schedule warms up (unless the phase continues a trained model) and decays to 0 at the
+    phase's last step. The kept epoch is the best validation score among the annealed part
+    (epochs from `select_from` of the phase on); before that part is reached, the best so far.
+    Training stops early only when a score falls more than `stop_drop` standard errors under the
+    best of the phase. Both training loops (classification and embedding) use this one rule.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int, warmup_ratio: float,
+                 select_from: float, stop_drop: float, val_rows: int, metric: str) -> None:
+        self.phase = phase
+        total_steps = max(phase.epochs * steps_per_epoch, 1)
+        warmup = min(int(warmup_ratio * total_steps), steps_per_epoch) if phase.warmup else 0
+        self.scheduler = schedule(optimizer, total_steps, warmup)
+        self.first_kept = annealed_from(phase.epochs, select_from)
+        self.stop_drop, self.val_rows, self.metric = stop_drop, val_rows, metric
+        self.best: dict | None = None  # the kept candidate, with the model's state
+        self.peak: dict | None = None  # the best score of any epoch of the phase
+
+    def lr_factor(self) -> float:
+        """The schedule's factor now (1 = the peak rate; 0 at the end of the budget)."""
+        group = self.scheduler.optimizer.param_groups[0]
+        return round(group["lr"] / group["initial_lr"], 4) if group.get("initial_lr") else 0.0
+
+    def observe(self, model: DeltaModel, epoch: int, phase_epoch: int, score: float,
+                val: dict[str, float]) -> str | None:
+        """Record an epoch's validation; returns why to stop now, or None to go on."""
+        annealed = phase_epoch >= self.first_kept
+        candidate = {"epoch": epoch, "score": score, "annealed": annealed, "val": val}
+        best = self.best
+        if best is None or (annealed and not best["annealed"]) or (annealed == best["annealed"]
+                                                                   and score > best["score"]):
+            self.best = {**candidate, "state": _snapshot(model)}
+        if self.peak is None or score > self.peak["score"]:
+            self.peak = candidate
+        noise = validation_noise(self.peak["score"], self.val_rows)
+        if self.stop_drop > 0 and phase_epoch < self.phase.epochs and \
+                score < self.peak["score"] - self.stop_drop * noise:
+            return (f"{self.phase.name}: validation {self.metric} {score:.4f} fell more than {self.stop_drop:g} "
+                    f"standard errors ({noise:.4f}) under its best ({self.peak['score']:.4f}, epoch "
+                    f"{self.peak['epoch']}); stopped at epoch {epoch}")
+        return None
+
+    def finished(self) -> str:
+        return f"{self.phase.name}: ran its budget of {self.phase.epochs} epoch(s); the rate reached 0"
+
+
+def fit_head(model: DeltaModel, data: list[Encoded], batch_size: int, num_labels: int,
+             autocast: contextlib.AbstractContextManager, l2: float = 1e-4) -> dict[str, float]:
+    """Fit the classifier on the model's current (frozen) features: multinomial logistic
+    regression by L-BFGS, so training starts from a readout that already fits instead of a random one."""
+    feats, golds = [], []
+    model.eval()
+    for _, batch in batches(data, batch_size * 2, model.backbone.pad_id, shuffle=False):
+        with autocast:
+            z = model.features(batch).float()
+        y = batch["labels"].to(z.device)
+        if z.dim() == 3:  # token classification: the labelled tokens only
+            keep = y != IGNORE
+            z, y = z[keep], y[keep]
+        feats.append(z)
+        golds.append(y)
+    x, y = torch.cat(feats), torch.cat(golds)
+    weight = torch.zeros(num_labels, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(num_labels, device=x.device, requires_grad=True)
+    solver = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        solver.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    solver.step(closure)
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+        accuracy_ = float(((x @ weight.T + bias).argmax(-1) == y).float().mean())
+    return {"rows": int(x.shape[0]), "train_accuracy": round(accuracy_, 4)}
 
 
 def served_label_names(data_labels: list[str], names: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -246,6 +366,11 @@ def _restore(model: DeltaModel, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def pooling_metadata(task_type: str, pooling: str) -> dict:
+    """`DeltaMeta` keywords carrying a sequence task's pooling (task-delta.md's metadata `pooling`)."""
+    return {"pooling": pooling} if task_type == "sequence-classification" else {}
+
+
 def load_data(settings: TrainSettings) -> tuple[list[Example], list[Example], list[Example], str]:
     """(train, validation, evaluation) examples and a sentence saying where validation came from."""
     read = {"task_type": settings.task_type, "text_column": settings.text_column,
@@ -271,6 +396,13 @@ def load_data(settings: TrainSettings) -> tuple[list[Example], list[Example], li
     return train_examples, val, eval_examples, source
 
 
+def training_backbone(settings: TrainSettings) -> Backbone:
+    """The backbone in float32 on any device: the trainables are made like its weights, and float16
+    master weights would lose AdamW's small updates (its eps is 0 there); autocast gives the speed."""
+    return Backbone.load(settings.backbone, device=settings.device, dtype=torch.float32,
+                         max_length=settings.max_length)
+
+
 def train(settings: TrainSettings, method: Method, backbone: Backbone | None = None,
           progress: bool = True) -> TrainResult:
     if settings.task_type == "embedding":  # pairs and a ranking loss: its own loop (training.embedding)
@@ -279,7 +411,7 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
         return train_embedding(settings, method, backbone, progress)
     random.seed(settings.seed)
     run_started = time.perf_counter()
-    backbone = backbone or Backbone.load(settings.backbone, device=settings.device, max_length=settings.max_length)
+    backbone = backbone or training_backbone(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     elif backbone.device.type == "cpu":
@@ -302,14 +434,18 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
         probe_threads(model, probe)
 
     recipe = method.recipe
-    phases = method.phases(settings.epochs, settings.max_epochs or recipe.max_epochs,
-                           settings.patience if settings.patience is not None else recipe.patience)
+    budget = settings.epochs if settings.epochs is not None else recipe.epochs
+    if budget < 1:
+        raise ValueError(f"--epochs must be at least 1, got {budget}")
+    phases = method.phases(budget)
+    stop_drop = settings.stop_drop if settings.stop_drop is not None else recipe.stop_drop
+    head_fit = settings.head_fit if settings.head_fit is not None else recipe.head_fit
     warmup_ratio = settings.warmup_ratio if settings.warmup_ratio is not None else recipe.warmup_ratio
     steps_per_epoch = (len(train_data) + settings.batch_size - 1) // settings.batch_size
     meta = DeltaMeta(method=method.name, task_type=settings.task_type,  # type: ignore[arg-type]
                      labels=served_labels, backbone_fingerprint=backbone.fingerprint,
                      max_length=settings.max_length, word_piece=settings.word_piece,
-                     description=settings.description)
+                     description=settings.description, **pooling_metadata(settings.task_type, model.pooling))
     rng = random.Random(settings.seed)
     select = "f1" if settings.task_type == "token-classification" else "accuracy"
     history: list[dict] = []
@@ -318,40 +454,37 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
     stopped: list[str] = []
     best: dict | None = None
     started, cpu_started = time.perf_counter(), time.process_time()
+    head_fitted = None
+    if head_fit and model.classifier.weight.requires_grad:
+        head_fitted = fit_head(model, train_data, settings.batch_size, len(labels), autocast)
     for index, phase in enumerate(phases):
         if index > 0:
             assert best is not None
             _restore(model, best["state"])  # the next phase starts from this phase's best epoch
             method.before_phase(model, index)
-        optimizer = optimizer_for(model, method, settings)
-        total_steps = max(phase.epochs * steps_per_epoch, 1)
-        scheduler = schedule(optimizer, total_steps, min(int(warmup_ratio * total_steps), steps_per_epoch))
-        best, since_best = None, 0  # earlier phases' epochs are another model: they never compete
+        optimizer = optimizer_for(model, method, settings, phase.lr_scale)
+        # earlier phases' epochs are another model: they never compete
+        phase_budget = PhaseBudget(optimizer, phase, steps_per_epoch, warmup_ratio, recipe.select_from, stop_drop,
+                              len(val_data), select)
         for phase_epoch in range(1, phase.epochs + 1):
             epoch += 1
-            running = _train_epoch(model, optimizer, scheduler, scaler, autocast, train_data, settings, rng,
-                                   f"{phase.name} {phase_epoch}/{phase.epochs}", steps_per_epoch, progress)
+            running = _train_epoch(model, optimizer, phase_budget.scheduler, scaler, autocast, train_data, settings,
+                                   rng, f"{phase.name} {phase_epoch}/{phase.epochs}", steps_per_epoch, progress)
             steps += steps_per_epoch
             scores = evaluate(model, val_data, labels, settings.batch_size, autocast)
+            val = {k.replace("eval_", "val_"): v for k, v in scores.items()}
             history.append({"epoch": epoch, "phase": phase.name, "steps": steps, "train_loss": running,
-                            **{k.replace("eval_", "val_"): v for k, v in scores.items()},
+                            "lr_factor": phase_budget.lr_factor(), **val,
                             "seconds": round(time.perf_counter() - started, 1)})
             if progress:
-                tqdm.write(f"epoch {epoch} ({phase.name}): " + ", ".join(f"{k.replace('eval_', 'val_')}={v:.4f}"
-                                                                          for k, v in scores.items()))
-            if best is None or scores[f"eval_{select}"] > best["score"]:
-                best = {"epoch": epoch, "score": scores[f"eval_{select}"], "state": _snapshot(model),
-                        "val": {k.replace("eval_", "val_"): v for k, v in scores.items()}}
-                since_best = 0
-            else:
-                since_best += 1
-            if not phase.fixed and since_best >= phase.patience:
-                stopped.append(f"{phase.name}: no better validation {select} for {phase.patience} epoch(s) "
-                               f"after epoch {best['epoch']}; stopped at epoch {epoch}")
+                tqdm.write(f"epoch {epoch} ({phase.name}): " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            reason = phase_budget.observe(model, epoch, phase_epoch, scores[f"eval_{select}"], val)
+            if reason:
+                stopped.append(reason)
                 break
         else:
-            kind = "its fixed" if phase.fixed else "to its cap of"
-            stopped.append(f"{phase.name}: ran {kind} {phase.epochs} epoch(s)")
+            stopped.append(phase_budget.finished())
+        best = phase_budget.best
     train_seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started  # apart from waiting (shared or paused cores)
     assert best is not None
@@ -368,9 +501,15 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
         "best_epoch": best["epoch"],
         "epochs": epoch,
         "steps": steps,
-        "selection": f"best epoch of the last phase by validation {select}; --eval is only reported",
+        "selection": f"best epoch of the last phase's annealed part by validation {select}; --eval is only "
+                     "reported",
         "validation": val_source,
-        "budget": "fixed (--epochs)" if settings.epochs is not None else "early stopping on validation",
+        "budget": f"{budget} epoch(s), annealed to 0 (" + ("--epochs" if settings.epochs is not None else "recipe")
+                  + "); the kept epoch is the best of the annealed part" + (
+                      f"; early stop on a validation drop over {stop_drop:g} standard errors" if stop_drop > 0
+                      else "; no early stop"),
+        "pooling": model.pooling if settings.task_type == "sequence-classification" else None,
+        "head_fit": head_fitted,
         "stopped": stopped,
         "method": method.name,
         "trainable_params": sum(p.numel() for p in model.trainable_parameters()),

@@ -27,23 +27,31 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method's default training budget and rates (each overridable on the command line)."""
+    """A method's default budget and rates (each overridable on the command line).
+
+    The budget is annealed: the learning rate warms up, then decays linearly to 0 at the end of
+    `epochs`, and the kept epoch is the best on validation among the annealed part (epochs from
+    `select_from` of the budget on). Training stops early only when validation falls further
+    below its best than its noise (`stop_drop` standard errors).
+    """
 
     lr: float  # the method's own parameters (scores, vectors, low-rank factors, or every weight)
-    head_lr: float | None = None  # the task head (starts random); None: same as lr
-    max_epochs: int = 8  # cap when early stopping decides the budget
-    patience: int = 1  # epochs without a better validation score before stopping
-    warmup_ratio: float = 0.06  # linear warm-up over this share of the (capped) steps, then linear decay
+    head_lr: float | None = None  # the readout (classifier, task pooler), its own group; None: same as lr
+    epochs: int = 6  # the budget: the rate reaches 0 at its end
+    warmup_ratio: float = 0.06  # linear warm-up over this share of the budget's steps (at most one epoch)
+    select_from: float = 0.5  # epochs in the last (1 - select_from) of the budget compete to be kept
+    stop_drop: float = 2.0  # early stop when validation drops this many standard errors under its best
+    head_fit: bool = False  # fit the classifier on frozen features before training
 
 
 @dataclass(frozen=True)
 class Phase:
-    """A stretch of training with its own optimiser and schedule; only the last one exports."""
+    """A stretch of training with its own optimiser and annealed schedule; only the last one exports."""
 
     name: str
-    epochs: int  # fixed epochs, or the cap under early stopping
-    fixed: bool  # True: run exactly `epochs` (no early stop)
-    patience: int
+    epochs: int  # the phase's budget: its schedule reaches 0 at its end
+    lr_scale: float = 1.0  # peak rates are the recipe's times this
+    warmup: bool = True  # False: start at the peak (a phase continuing an already trained model)
 
 
 class Method:
@@ -54,11 +62,9 @@ class Method:
     def setup(self, model: DeltaModel, task: TaskInfo) -> None:
         raise NotImplementedError
 
-    def phases(self, epochs: int | None, max_epochs: int, patience: int) -> list[Phase]:
-        """`epochs` given: a fixed budget; else early stopping under `max_epochs`."""
-        if epochs is not None:
-            return [Phase("train", epochs, True, patience)]
-        return [Phase("train", max_epochs, False, patience)]
+    def phases(self, epochs: int) -> list[Phase]:
+        """The phases of a run whose (first) phase has a budget of `epochs`."""
+        return [Phase("train", epochs)]
 
     def before_phase(self, model: DeltaModel, index: int) -> None:
         """Called before phase `index` > 0, on the best model of the phase before."""

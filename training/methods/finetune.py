@@ -15,10 +15,12 @@ class Finetune(Method):
     name = "finetune"
     exports = False
     # 1e-4 for a 6-layer MiniLM (BERT-base recipes use 2e-5..5e-5; smaller models take more).
-    recipe = Recipe(lr=1e-4, max_epochs=5, patience=1)
+    recipe = Recipe(lr=1e-4, head_lr=1e-3, epochs=5)
 
     def setup(self, model: DeltaModel, task: TaskInfo) -> None:
         model.encoder.requires_grad_(True)
+        if model.pooling == "mean" and model.backbone.has_pooler:
+            model.encoder.get_submodule("pooler").requires_grad_(False)  # mean pooling never reads it
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:

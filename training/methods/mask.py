@@ -44,15 +44,17 @@ class Mask(Method):
     # steps, and the classifier (random) learns at 1e-3.
     # Patience 2: at patience 1 MRPC (3,301 pairs) stopped after 2 epochs with the validation score
     # flat (72.5, 72.5), 82.4 F1, while fine-tuning was still climbing at epoch 4.
-    recipe = Recipe(lr=1e-4, head_lr=1e-3, max_epochs=6, patience=2)
+    recipe = Recipe(lr=1e-4, head_lr=1e-3, epochs=6)
 
     def __init__(self, config: MaskConfig) -> None:
         self.config = config
 
     def modules(self, model: DeltaModel) -> list[str]:
         names = model.backbone.layer_modules(self.config.roles, self.config.first_layer)
-        # an embedding never reads the backbone's pooler (task-delta.md): a mask there would be dead bytes
-        if self.config.pooler and "pooler.dense" in model.backbone.linear_modules and model.task_type != "embedding":
+        # the backbone's pooler is read only with `cls` pooling of a classification (task-delta.md):
+        # a mask there would be dead bytes otherwise
+        if (self.config.pooler and model.pooling == "cls" and model.task_type != "embedding"
+                and "pooler.dense" in model.backbone.linear_modules):
             names.append("pooler.dense")
         return names
 

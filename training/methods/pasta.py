@@ -27,7 +27,7 @@ class Pasta(Method):
     # Patience 3: on SST-2 (10,000 sentences) validation went 84.3, 86.3, 86.9, 86.5, 86.9 and
     # patience 2 stopped it at 0.6x fine-tuning's time. (A trained task pooler did not help: 84.6,
     # 85.5, 84.5 over the first three epochs.)
-    recipe = Recipe(lr=1e-2, max_epochs=12, patience=3)
+    recipe = Recipe(lr=1e-2, head_lr=1e-3, epochs=10)
 
     def __init__(self, config: PastaConfig) -> None:
         self.config = config
