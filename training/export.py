@@ -49,7 +49,7 @@ def check_exportable(delta: TaskDelta, backbone: Backbone) -> None:
     if delta.pasta is not None:
         raise ExportError("PASTA vectors are added to the special tokens' hidden states before every layer; no "
                           "transformers model class has such a step, so this delta cannot be exported")
-    pooling = delta.meta.extra.get("pooling", "cls")
+    pooling = delta.meta.pooling or "cls"  # None for token classification (every token is read)
     if pooling != "cls" or delta.meta.task_type not in ("sequence-classification", "token-classification"):
         raise ExportError(f"{delta.meta.task_type} with {pooling} pooling: transformers' classification classes "
                           "read the first token; mean pooling has no standard classification class")
