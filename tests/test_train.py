@@ -423,7 +423,9 @@ def test_served_over_http_reproduces_the_reported_metrics(tmp_path, tiny_folder)
     conll_eval = tmp_path / "ner-eval.txt"  # "U.S." comes back from the server as several words
     conll_eval.write_text("Anna NN B-PER\nvisited NN O\nthe NN O\nU.S. NN B-LOC\n\nRome NN B-LOC\nwas NN O\n")
     runs = [("pasta", data, evaluation, "sequence-classification", ["--label-names", "negative,positive"]),
-            ("lora", conll, conll_eval, "token-classification", [])]
+            ("lora", conll, conll_eval, "token-classification", []),
+            # mean pooling (task-delta.md's metadata pooling=mean): the server must pool as the trainer did
+            ("mask", data, evaluation, "sequence-classification", ["--pooling", "mean"])]
     reports = []
     for method, train_file, eval_file, task_type, extra in runs:
         report = tmp_path / f"{method}.json"
@@ -432,8 +434,9 @@ def test_served_over_http_reproduces_the_reported_metrics(tmp_path, tiny_folder)
                      "--batch-size", "4", "--out", str(tmp_path / f"{method}.safetensors"), "--report", str(report),
                      "--quiet", *extra]) == 0
         reports.append(report)
+    assert json.loads(reports[2].read_text())["pooling"] == "mean"
     rows = measure(reports, batch=3, server_args=["--backbone", str(tiny_folder)])
-    assert [row["task"] for row in rows] == ["pasta", "lora"]
+    assert [row["task"] for row in rows] == ["pasta", "lora", "mask"]
     for row in rows:
         assert row["trained"].keys() == row["served"].keys() and row["served"]
         for metric, value in row["served"].items():
