@@ -100,17 +100,17 @@ class Server:
         metrics.build_info.labels(package_version(), platform.python_version(), torch.__version__, backbone.backend,
                                   backbone.device.type, str(backbone.dtype).removeprefix("torch.")).set(1)
         tokenizer = Tokenizer(backbone)
-        runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
-        batcher = PipelineBatcher(runner, max_batch_tokens=settings.max_batch_tokens,
-                                  max_batch_requests=settings.max_batch_requests,
-                                  wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
-                                  max_queue_rows=settings.max_queue_rows, max_queue_s=queue_seconds(settings),
-                                  metrics=metrics)
         tenants = TenantsFile(settings.tenants_file) if settings.tenants_file is not None else None
         if tenants is not None:
             tenants.start_watching()
             if settings.admin_token is None:
                 log.warning("tenants without an admin token: /metrics and the tasks of no tenant are out of reach")
+        runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
+        batcher = PipelineBatcher(runner, max_batch_tokens=settings.max_batch_tokens,
+                                  max_batch_requests=settings.max_batch_requests,
+                                  wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
+                                  max_queue_rows=settings.max_queue_rows, max_queue_s=queue_seconds(settings),
+                                  metrics=metrics, weights=tenants.weight if tenants is not None else None)
         return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics, tenants,
                    AuditLog(settings.audit_log))
 

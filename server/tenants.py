@@ -222,6 +222,10 @@ class TenantsFile:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
+    def weight(self, tenant: str | None) -> float:
+        """`tenant`'s weight as the file in force says (1 for the operator and for a tenant since removed)."""
+        return self.current.weight(tenant)
+
     def reload(self) -> bool:
         """Read the file again; True when the new tenants are in force."""
         with self._lock:

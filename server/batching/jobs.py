@@ -91,6 +91,10 @@ class Item:
     def rows(self) -> int:
         return 1
 
+    @property
+    def tenant(self) -> str | None:
+        return self.job.tenant
+
 
 Outcome = tuple[Job, "Answer | Exception"]
 

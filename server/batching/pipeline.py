@@ -9,6 +9,12 @@ queue minutes of work in front of everyone, and what was admitted drains within 
 grace. A request finds room when nothing waits, however large. Retry-After is the measured time
 to drain what waits (rows waiting ÷ the engine's measured rows per second), not a constant.
 
+With tenants (`--tenants-file`), the engine is shared among them by weight: `FairShare`
+(server.batching.formation) forms the batches, and admission is per tenant: each may hold its
+weight's share (among the tenants with work admitted) of every bound above, so a tenant alone has
+the whole queue, and a flooding one gets 429 with its own Retry-After (its rows ÷ its share of the
+rate) while the others are admitted. Without tenants nothing of this runs.
+
 A request whose client went away (the HTTP layer cancels its handler, see
 server.api.middleware.DisconnectMiddleware) has its rows taken out of the queue at once: they
 never reach the engine, and they stop counting against admission.
@@ -33,11 +39,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from server.backbone import TextInput
-from server.batching.formation import form_batch, padded_tokens
+from server.batching.formation import FairShare, form_batch, padded_tokens
 from server.batching.jobs import Answer, Item, Job, Outcome, Overloaded, ShuttingDown
 from server.batching.runner import Prepared, Runner
 from server.metrics import Metrics
@@ -59,7 +65,10 @@ class PipelineBatcher:
         max_queue_rows: int | None = None,
         max_queue_s: float | None = None,
         metrics: Metrics | None = None,
+        weights: Callable[[str | None], float] | None = None,
     ) -> None:
+        """`weights` (tenants' weights, with --tenants-file) turns on the fair share: `FairShare` forms the
+        batches, and admission bounds each tenant's part of the queue (module docstring)."""
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_requests  # one input, one row: the limit bounds the forward's rows
@@ -71,6 +80,8 @@ class PipelineBatcher:
         self._pending: list[Item] = []  # rows waiting for a batch, oldest first
         self._admitted = 0  # requests admitted with rows not yet in a batch: tokenising or queued
         self._waiting_rows = 0  # their rows (inputs while tokenising)
+        self._fair = FairShare(weights) if weights is not None else None
+        self._tenants: dict[str | None, list[int]] = {}  # tenant -> [requests admitted, their rows], as above
         self._in_flight = 0  # batches formed and not yet answered
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -97,30 +108,32 @@ class PipelineBatcher:
 
     async def predict(self, task: str, inputs: list[TextInput], max_length: int, tenant: str | None = None) -> Answer:
         """Admit (or refuse at once), tokenise, queue, and wait for the answer."""
-        self._admit(len(inputs))
+        self._admit(len(inputs), tenant)
         began = time.perf_counter()
         try:
             encoded = await self.runner.tokenizer.encode(inputs, max_length)
         except BaseException as err:
-            self._leave(1, len(inputs))
+            self._leave(1, len(inputs), tenant)
             if isinstance(err, asyncio.CancelledError) and self.metrics:  # the client left while it tokenised
                 self.metrics.abandoned.inc()
             raise
-        self._waiting_rows += len(encoded) - len(inputs)
+        self._count(0, len(encoded) - len(inputs), tenant)
         job = Job(task, inputs, encoded, max_length, tenant=tenant)
         job.stage_seconds["tokenize"] = time.perf_counter() - began
         return await self._enqueue(job)
 
     async def submit(self, job: Job) -> Answer:
         """Queue an already tokenised job (admission as for `predict`)."""
-        self._admit(job.rows)
+        self._admit(job.rows, job.tenant)
         return await self._enqueue(job)
 
-    def retry_after(self) -> int:
-        """Seconds until what waits now has drained, at the engine's measured rate."""
+    def retry_after(self, rows: int | None = None, share: float = 1.0) -> int:
+        """Seconds until `rows` (default: all that wait now) have drained, at the engine's measured rate (or at
+        `share` of it: a tenant's)."""
         if not self._rows_per_s:
             return 1
-        return max(1, math.ceil((self._waiting_rows + 1) / self._rows_per_s))
+        waiting = self._waiting_rows if rows is None else rows
+        return max(1, math.ceil((waiting + 1) / (self._rows_per_s * share)))
 
     def drain_seconds(self, rows: int) -> float | None:
         """Seconds the engine needs for `rows` at its measured rate (None before any forward)."""
@@ -145,30 +158,58 @@ class PipelineBatcher:
 
     # ------------------------------------------------------------------ internals
 
-    def _admit(self, rows: int) -> None:
+    def _admit(self, rows: int, tenant: str | None) -> None:
         if self._closing:
             raise ShuttingDown()
-        if self._admitted and self._queue_full(rows):
-            if self.metrics:
-                self.metrics.rejected.inc()
-            raise Overloaded(self.retry_after())
-        self._admitted += 1
-        self._waiting_rows += rows
+        if self._fair is None:
+            if self._admitted and self._queue_full(self._admitted, self._waiting_rows, rows):
+                self._refuse(self.retry_after())
+        else:
+            # Each tenant within its share of every bound, by weight among the tenants with work admitted:
+            # alone, a tenant has the whole queue; a flooding one is refused, with its own Retry-After,
+            # while the others are admitted (the queue may then pass a bound by their shares).
+            admitted, waiting = self._tenants.get(tenant, (0, 0))
+            share = self._share(tenant)
+            if admitted and self._queue_full(admitted, waiting, rows, share):
+                self._refuse(self.retry_after(waiting, share))
+        self._count(1, rows, tenant)
         self._idle.clear()
-        self._observe_depth()
 
-    def _queue_full(self, rows: int) -> bool:
-        """Whether admitting `rows` more would pass a bound of the queue (requests, rows, seconds of work)."""
-        after = self._waiting_rows + rows
+    def _refuse(self, retry_after: int) -> None:
+        if self.metrics:
+            self.metrics.rejected.inc()
+        raise Overloaded(retry_after)
+
+    def _share(self, tenant: str | None) -> float:
+        """`tenant`'s part of the queue: its weight over the weights of every tenant with work admitted."""
+        assert self._fair is not None
+        weight = self._fair.weight
+        others = sum(weight(t) for t, (admitted, _) in self._tenants.items() if admitted and t != tenant)
+        return weight(tenant) / (weight(tenant) + others)
+
+    def _queue_full(self, admitted: int, waiting_rows: int, rows: int, share: float = 1.0) -> bool:
+        """Whether admitting `rows` more to what waits (`admitted` requests, `waiting_rows` rows) would pass
+        `share` of a bound of the queue (requests, rows, seconds of work)."""
+        after = waiting_rows + rows
         drain = self.drain_seconds(after)
-        return (self._admitted >= self.max_queue
-                or (self.max_queue_rows is not None and after > self.max_queue_rows)
-                or (self.max_queue_s is not None and drain is not None and drain > self.max_queue_s))
+        return (admitted >= self.max_queue * share
+                or (self.max_queue_rows is not None and after > self.max_queue_rows * share)
+                or (self.max_queue_s is not None and drain is not None and drain > self.max_queue_s * share))
 
-    def _leave(self, jobs: int, rows: int) -> None:
-        self._admitted -= jobs
-        self._waiting_rows -= rows
+    def _count(self, jobs: int, rows: int, tenant: str | None) -> None:
+        """`jobs` requests and `rows` rows more (fewer, when negative) waiting, in all and for `tenant`."""
+        self._admitted += jobs
+        self._waiting_rows += rows
+        if self._fair is not None:
+            counts = self._tenants.setdefault(tenant, [0, 0])
+            counts[0] += jobs
+            counts[1] += rows
+            if counts == [0, 0]:
+                del self._tenants[tenant]
         self._observe_depth()
+
+    def _leave(self, jobs: int, rows: int, tenant: str | None) -> None:
+        self._count(-jobs, -rows, tenant)
         self._check_idle()
 
     async def _enqueue(self, job: Job) -> Answer:
@@ -189,7 +230,7 @@ class PipelineBatcher:
         if job.queued == 0:
             return
         self._pending = [item for item in self._pending if item.job is not job]
-        self._leave(1, job.queued)
+        self._leave(1, job.queued, job.tenant)
         job.queued = 0
 
     def _check_idle(self) -> None:
@@ -281,17 +322,17 @@ class PipelineBatcher:
         """A length-aware batch of rows out of the queue (rows of requests whose client went away are dropped)."""
         for job in {id(i.job): i.job for i in self._pending if i.job.future.done()}.values():
             self._drop(job)  # cancelled, its callback not yet run
-        batch = form_batch(self._pending, self.max_batch_tokens, self.max_batch_rows)
+        form = self._fair.form if self._fair is not None else form_batch
+        batch = form(self._pending, self.max_batch_tokens, self.max_batch_rows)
         now = time.perf_counter()
         for item in batch:
             item.job.stage_seconds.setdefault("queue", now - item.job.enqueued_at)
         chosen = {id(i) for i in batch}
         self._pending = [i for i in self._pending if id(i) not in chosen]
-        left = 0
         for item in batch:
             item.job.queued -= 1
-            left += item.job.queued == 0
-        self._leave(left, len(batch))
+            self._count(-(item.job.queued == 0), -1, item.job.tenant)
+        self._check_idle()
         return batch
 
     async def _complete(self, prepared: Prepared, forward: asyncio.Future, started: float, cost: int) -> None:
