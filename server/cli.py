@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -149,7 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from server.ray_app import run  # Ray only when asked for: `pip install deltaserve[cluster]`
 
         return run(settings, settings.log_level)
-    steady_malloc(settings.malloc_threshold)
+    steady_malloc(settings.malloc_threshold, settings.malloc_trim_s)
     # On SIGTERM the app stops admitting at once (503, readiness down; server.http_server.DrainingServer),
     # uvicorn stops accepting, lets accepted requests finish within the grace (what is cut answers 503),
     # then runs the app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the
@@ -186,7 +188,7 @@ def is_loopback(host: str) -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
-def steady_malloc(threshold: int = 2 * 1024 * 1024) -> bool:
+def steady_malloc(threshold: int = 2 * 1024 * 1024, trim_every_s: float = 1.0) -> bool:
     """Keep the server's RSS flat under steady load (glibc only; returns whether it applied).
 
     Measured (BENCHMARKS.md, soak): with glibc's defaults RSS climbed without end under mixed load
@@ -203,6 +205,13 @@ def steady_malloc(threshold: int = 2 * 1024 * 1024) -> bool:
     (0.41× vs 0.54× of dense: every mid-sized activation mapped and faulted in anew each forward);
     2 MiB keeps RSS flat within 5 % (+4.1 %, 703 -> 709 MB after warm-up over 4,000 requests) at
     0.54×; 8 MiB (0.63×) and 32 MiB (0.56×) let it climb again (+8 %, +14 %).
+
+    Over 10,000 requests 2 MiB alone was not flat (issue 24: 663 -> 710 MB, +7.1 %) although the
+    server's Python objects stayed constant (a census every 1,000 requests, with replacements):
+    what creeps is free memory stranded inside the heaps, below live chunks, which the trim
+    threshold (heap tops only) never returns. `malloc_trim(0)` also gives back the free pages
+    inside a heap; a thread calls it every `trim_every_s` (`--malloc-trim-s`), so the hot path pays
+    no page faults of its own (a second's worth of reuse at most is faulted in again).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -214,7 +223,24 @@ def steady_malloc(threshold: int = 2 * 1024 * 1024) -> bool:
         return False
     applied = [mallopt(_M_ARENA_MAX, 2), mallopt(_M_MMAP_THRESHOLD, threshold),
                mallopt(_M_TRIM_THRESHOLD, threshold)]
+    if trim_every_s > 0:
+        start_malloc_trimmer(libc, trim_every_s)
     return all(applied)
+
+
+def start_malloc_trimmer(libc: ctypes.CDLL, every_s: float) -> threading.Thread:
+    """A daemon thread giving glibc's free heap pages back to the system every `every_s` seconds."""
+    malloc_trim = libc.malloc_trim
+    malloc_trim.argtypes = [ctypes.c_size_t]
+
+    def trim() -> None:
+        while True:
+            time.sleep(every_s)
+            malloc_trim(0)
+
+    thread = threading.Thread(target=trim, name="deltaserve-malloc-trim", daemon=True)
+    thread.start()
+    return thread
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

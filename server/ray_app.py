@@ -129,7 +129,7 @@ def replica_app(settings: Settings) -> FastAPI:
 # Settings that Ray Serve's replicas do not use: @serve.batch forms batches by count (no token budget), Ray's
 # proxy queues in front of the replicas (--max-queue only caps each replica's requests in flight; no 429s
 # from row or time budgets), and glibc's malloc tuning is set per process by `serve`, not in Ray's workers.
-IGNORED_UNDER_RAY = ("max_batch_tokens", "max_queue_rows", "max_queue_s", "malloc_threshold")
+IGNORED_UNDER_RAY = ("max_batch_tokens", "max_queue_rows", "max_queue_s", "malloc_threshold", "malloc_trim_s")
 
 
 def ignored_under_ray(settings: Settings) -> list[str]:

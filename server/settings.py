@@ -102,6 +102,10 @@ class Settings(BaseSettings):
         2 * 1024 * 1024, ge=0, le=2**31 - 1,
         description="glibc mmap and trim threshold in bytes, with 2 malloc arenas, set at start: keeps RSS "
                     "flat under load (BENCHMARKS.md, soak); 0 leaves glibc's defaults")
+    malloc_trim_s: float = Field(
+        1.0, ge=0, description="how often free memory inside glibc's heaps is given back to the system "
+                               "(malloc_trim, in a thread of its own): keeps RSS flat where fragmentation "
+                               "would let it creep up; 0 never")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
 
     # Several replicas on Ray Serve (server/ray_app.py, docs/cluster.md).
