@@ -141,6 +141,14 @@ class LocalDeltaStore:
     def close(self) -> None:
         """Nothing runs in the background."""
 
+    def problem(self) -> str | None:
+        """The folder gone or not writable (a volume unmounted, a bind mount of another owner)."""
+        if not self.root.is_dir():
+            return f"the store folder {str(self.root)!r} is gone"
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            return f"the store folder {str(self.root)!r} is not writable by this user (uid {os.getuid()})"
+        return None
+
     # ------------------------------------------------------------------ internals
 
     def _path(self, name: str, version: int) -> Path:

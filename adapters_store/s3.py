@@ -147,6 +147,7 @@ class S3DeltaStore:
         self.refresh()
         self.collect_garbage()
         self._watcher: threading.Thread | None = None
+        self._last_error: str | None = None  # the watcher's last refresh failed: readiness reports it
         if watch and poll_interval_s > 0:
             self._watcher = threading.Thread(target=self._watch, name="deltaserve-s3-watch", daemon=True)
             self._watcher.start()
@@ -272,6 +273,10 @@ class S3DeltaStore:
         return sorted(obj["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix)
                       for obj in page.get("Contents", []))
 
+    def problem(self) -> str | None:
+        """The last check of the manifest failed: the bucket cannot be reached (cleared by the next success)."""
+        return self._last_error
+
     def close(self) -> None:
         self._stop.set()
         if self._watcher is not None:
@@ -284,10 +289,12 @@ class S3DeltaStore:
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.refresh()
+                self._last_error = None
                 if time.monotonic() >= next_gc:
                     next_gc = time.monotonic() + self.gc_interval_s
                     self.collect_garbage()
             except Exception as err:  # the store may be down for a while: keep serving the last view
+                self._last_error = f"the S3 store {self.url} cannot be reached: {err}"
                 log.warning("refreshing the manifest of %s failed: %s", self.url, err)
 
     def _install(self, manifest: _Manifest, etag: str | None) -> bool:

@@ -234,3 +234,7 @@ class DeltaStore(Protocol):
     def close(self) -> None:
         """Stop what the store runs in the background (the S3 store's watcher)."""
         ...
+
+    def problem(self) -> str | None:
+        """Why the store cannot serve now (a sentence), or None: the readiness probes answer 503 with it."""
+        ...

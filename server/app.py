@@ -53,13 +53,19 @@ def listen_for_sighup(reload: Callable[[], object]) -> None:
 
 
 def create_app(settings: Settings | None = None, *, backbone: Backbone | None = None,
-               on_build: Callable[[Server], None] | None = None) -> FastAPI:
+               on_build: Callable[[Server], None] | None = None,
+               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The application; `backbone` skips loading one (tests pass a tiny one); `on_build(server)` runs after
-    the service is built and before it serves (Ray Serve's replicas swap in their batcher there)."""
+    the service is built and before it serves (Ray Serve's replicas swap in their batcher there).
+
+    With `on_load_failure` (as `deltaserve serve` runs it) the service is built in the background after
+    start-up, so the port answers at once: the health probes 503 `loading` and every other route 503 with
+    Retry-After until it is built; a failed build calls `on_load_failure(error)` (serve stops, exit 3).
+    Without it the start-up itself builds the service (tests, Ray's replicas): served means ready.
+    """
     settings = settings or Settings()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def build(app: FastAPI) -> Server:
         server = await asyncio.to_thread(Server.build, settings, backbone)
         if on_build is not None:
             on_build(server)
@@ -68,10 +74,33 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
         if server.tenants is not None:
             listen_for_sighup(server.tenants.reload)
         log.info("deltaserve ready: backbone %s, %d tasks", server.backbone.name, len(server.store.list()))
+        return server
+
+    async def build_in_background(app: FastAPI) -> Server | None:
+        try:
+            return await build(app)
+        except Exception as err:
+            log.exception("deltaserve could not start")
+            assert on_load_failure is not None
+            on_load_failure(err)
+            return None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_load_failure is None:
+            server: Server | None = await build(app)
+            try:
+                yield
+            finally:
+                await server.close()
+            return
+        loading = asyncio.get_running_loop().create_task(build_in_background(app), name="deltaserve-load")
         try:
             yield
         finally:
-            await server.close()
+            server = await loading  # a load under way is finished (a thread cannot be stopped), then closed
+            if server is not None:
+                await server.close()
 
     app = FastAPI(title="deltaserve", version="1",
                   description="One frozen encoder, many task deltas, any mix of tasks in one forward pass.",

@@ -156,9 +156,24 @@ def run_serve(args: argparse.Namespace) -> int:
     # uvicorn stops accepting, lets accepted requests finish within the grace (what is cut answers 503),
     # then runs the app's shutdown, where the batcher drains. Afterwards it re-raises the signal with the
     # handler it found installed: this one, so that a graceful stop exits 0 rather than "killed by SIGTERM".
+    # The port opens at once and the probes answer 503 `loading` until the backbone and store are ready; a
+    # load that fails stops the server the same way (the error is logged) and `serve` exits 3, as uvicorn
+    # does when a start-up fails.
+    failed: list[BaseException] = []
+
+    def stop_after_failure(error: BaseException) -> None:
+        failed.append(error)
+        signal.raise_signal(signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
-        serve(create_app(settings), settings, log_config=uvicorn_log_config)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the same graceful stop, no traceback
+            serve(create_app(settings, on_load_failure=stop_after_failure), settings, log_config=uvicorn_log_config)
+    except SystemExit:
+        if not failed:
+            raise
+    if failed:
+        raise SystemExit(3)
     return 0
 
 

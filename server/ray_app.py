@@ -62,6 +62,10 @@ class ServeBatcher:
     def start(self) -> None:
         """Nothing to start: `@serve.batch` makes its queue on first use."""
 
+    def problem(self) -> str | None:
+        """None: Ray Serve watches its replicas itself (health_check_period_s) and restarts a broken one."""
+        return None
+
     async def predict(self, task: str, inputs: list[TextInput], max_length: int, tenant: str | None = None) -> Answer:
         """The routes' entry point, as `Batcher.predict`: tokenise in the tokenizer thread, then queue."""
         if self._closing:

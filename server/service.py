@@ -58,6 +58,13 @@ def check_inputs(inputs: list[TextInput], max_chars: int) -> None:
             check_text(text, where)
 
 
+class Loading(RuntimeError):
+    """The service is still being built (the backbone loading): 503 with Retry-After, until it is ready."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is still loading its backbone and store; try again shortly")
+
+
 class Replaced(RuntimeError):
     """The task was replaced, again and again, while a windowed request waited (409: try again)."""
 
@@ -113,6 +120,14 @@ class Server:
                                   metrics=metrics, weights=tenants.weight if tenants is not None else None)
         return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics, tenants,
                    AuditLog(settings.audit_log))
+
+    def not_ready(self) -> str | None:
+        """Why this server should get no new work now, or None: draining, the batcher stopped, or the store
+        unreachable (the S3 bucket) or unusable (the folder gone). `/health` and `/v2/health/ready` answer
+        503 with it, so that a load balancer sends elsewhere."""
+        if self.draining:
+            return "shutting down"
+        return self.batcher.problem() or self.store.problem()
 
     def drain(self) -> None:
         """Begin a graceful stop (the signal handler calls it): refuse new predicts at once (503 with

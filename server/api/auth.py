@@ -27,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from adapters_store.store import TaskNotFound
+from server.api.deps import get_server
 from server.service import Server
 from server.settings import Settings
 from server.tenants import Caller, key_hash
@@ -46,7 +47,7 @@ def route_of(request: Request) -> str:
 
 def refuse(request: Request, caller: Caller | None, what: str) -> HTTPException:
     """The 401 for a credential that does not open this route, audited."""
-    server: Server = request.app.state.server
+    server: Server = get_server(request)  # Loading (503) while `serve` loads it
     server.audit.record(caller, route_of(request), f"401 refused credential (needs the {what})",
                         request.path_params.get("name"))
     return HTTPException(401, f"this route needs 'Authorization: Bearer <{what}>'",
@@ -57,7 +58,7 @@ def authenticate(request: Request,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Caller:
     """The caller, or 401 where this server asks a credential of every protected route."""
     settings: Settings = request.app.state.settings
-    server: Server = request.app.state.server
+    server: Server = get_server(request)  # Loading (503) while `serve` loads it
     tenants = server.tenants.current if server.tenants is not None else None
     given = credentials.credentials.strip() if credentials is not None else None
     caller = None
@@ -95,7 +96,7 @@ Authenticated = Security(authenticate)  # for `dependencies=[...]` of a router o
 def require_writer(request: Request, caller: CallerDep) -> None:
     """Uploads and deletes: the admin token or a tenant's key (no admin token nor tenants: anyone)."""
     settings: Settings = request.app.state.settings
-    server: Server = request.app.state.server
+    server: Server = get_server(request)  # Loading (503) while `serve` loads it
     if server.tenants is not None:
         if caller.role not in ("admin", "tenant"):
             raise refuse(request, caller, "key")
@@ -105,7 +106,7 @@ def require_writer(request: Request, caller: CallerDep) -> None:
 
 def require_operator(request: Request, caller: CallerDep) -> None:
     """Routes that name every tenant's tasks (`/metrics`): with tenants, the admin token only."""
-    server: Server = request.app.state.server
+    server: Server = get_server(request)  # Loading (503) while `serve` loads it
     if server.tenants is not None and caller.role != "admin":
         raise refuse(request, caller, "admin token")
 

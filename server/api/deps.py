@@ -13,12 +13,21 @@ from fastapi import Depends, Request
 from fastapi import Path as PathParam
 
 from adapters_store.store import NAME_PATTERN
-from server.service import Server
+from server.service import Loading, Server
 from server.settings import Settings
 
 
 def get_server(request: Request) -> Server:
-    return request.app.state.server
+    """The built service; `Loading` (503, Retry-After) while `serve` still loads it in the background."""
+    server = getattr(request.app.state, "server", None)
+    if server is None:
+        raise Loading()
+    return server
+
+
+def get_server_if_built(request: Request) -> Server | None:
+    """The built service, or None while it loads (the health probes answer that themselves)."""
+    return getattr(request.app.state, "server", None)
 
 
 def get_settings(request: Request) -> Settings:
@@ -26,6 +35,7 @@ def get_settings(request: Request) -> Settings:
 
 
 ServerDep = Annotated[Server, Depends(get_server)]
+ServerIfBuiltDep = Annotated[Server | None, Depends(get_server_if_built)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

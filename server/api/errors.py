@@ -34,7 +34,7 @@ from server.backbone import InvalidText
 from server.batching import Overloaded, ShuttingDown
 from server.embeddings import NotAnEmbeddingModel, UnknownModel
 from server.postprocess import UnsupportedInput
-from server.service import Replaced, TooManyInputs
+from server.service import Loading, Replaced, TooManyInputs
 from server.windows import BadStride
 
 log = logging.getLogger("deltaserve")
@@ -129,7 +129,7 @@ def status_of(exc: Exception) -> tuple[int, dict[str, str] | None]:
         return 422, None
     if isinstance(exc, Overloaded):
         return 429, {"Retry-After": str(exc.retry_after)}
-    if isinstance(exc, ShuttingDown | StoreUnavailable):  # StoreUnavailable: the object store is down
+    if isinstance(exc, ShuttingDown | StoreUnavailable | Loading):  # StoreUnavailable: the object store is down
         return 503, {"Retry-After": "5"}
     for exc_type, status in STATUS.items():
         if isinstance(exc, exc_type):
@@ -157,5 +157,5 @@ async def handle(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     for exc_type in (*STATUS, RequestValidationError, HTTPException, Overloaded, ShuttingDown, StoreUnavailable,
-                     Exception):
+                     Loading, Exception):
         app.add_exception_handler(exc_type, handle)

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from adapters_store.store import TaskInfo
 from server.api.auth import CallerDep
 from server.api.body import parse_json_body
-from server.api.deps import ServerDep, TaskName
+from server.api.deps import ServerDep, ServerIfBuiltDep, TaskName
 from server.backbone import TextInput
 from server.service import Server
 from server.tenants import OPERATOR, Caller
@@ -146,11 +146,10 @@ async def live() -> dict[str, bool]:
 
 
 @probes.get("/health/ready", summary="Server ready",
-            responses={503: {"description": "shutting down: new work is refused"}})
-async def ready(server: ServerDep) -> Response:
-    # Routes answer only once the lifespan has built the server (the dependency needs it): reaching here is
-    # ready, until a stop begins.
-    if server.draining:
+            responses={503: {"description": "not ready: loading, shutting down, the batcher stopped or the store "
+                                            "unreachable (the same rule as /health)"}})
+async def ready(server: ServerIfBuiltDep) -> Response:
+    if server is None or server.not_ready() is not None:
         return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"ready": True})
 

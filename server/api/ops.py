@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from server.api.auth import CallerDep, OperatorDep
-from server.api.deps import ServerDep
+from server.api.deps import ServerDep, ServerIfBuiltDep
 from server.api.schemas import MemoryReport
 from server.metrics import Metrics
 
@@ -28,11 +28,19 @@ async def memory(server: ServerDep, caller: CallerDep) -> Response:
     return JSONResponse(server.memory(caller))
 
 
-@probes.get("/health", responses={503: {"description": "shutting down: new work is refused (Retry-After)"}})
-async def health(server: ServerDep) -> Response:
-    body = {"status": "shutting down" if server.draining else "ok", "backbone": server.backbone.name,
-            "tasks": len(server.store.list()), "queue_depth": server.batcher.depth}
-    if server.draining:  # readiness down: a load balancer stops sending new work here
+@probes.get("/health", responses={503: {"description": "not ready: loading, shutting down, the batcher stopped or "
+                                                      "the store unreachable; `status` and `problem` say which "
+                                                      "(Retry-After)"}})
+async def health(server: ServerIfBuiltDep) -> Response:
+    """200 `{"status": "ok", ...}` when this server takes work; 503 otherwise, so that a load balancer or an
+    orchestrator's readiness probe sends the work elsewhere (`GET /v2/health/live` is the liveness probe)."""
+    if server is None:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    problem = server.not_ready()
+    body = {"status": "ok" if problem is None else "shutting down" if server.draining else "unavailable",
+            "backbone": server.backbone.name, "tasks": len(server.store.list()), "queue_depth": server.batcher.depth}
+    if problem is not None:
+        body["problem"] = problem
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse(body)
 

@@ -125,6 +125,10 @@ class Batcher(Protocol):
         """Refuse every new request from now on (`ShuttingDown`); what was admitted still runs."""
         ...
 
+    def problem(self) -> str | None:
+        """Why it cannot answer now (its loop died), or None: the readiness probes answer 503 with it."""
+        ...
+
     async def close(self) -> None:
         """Stop admitting, finish everything accepted, release the workers."""
         ...

@@ -106,6 +106,14 @@ class PipelineBatcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="deltaserve-batcher")
 
+    def problem(self) -> str | None:
+        """The batching loop ended while the server runs (a bug): nothing would reach the engine any more."""
+        task = self._loop_task
+        if task is None or not task.done() or self._closing:
+            return None
+        error = task.exception() if not task.cancelled() else None
+        return f"the batcher has stopped ({type(error).__name__}: {error})" if error else "the batcher has stopped"
+
     async def predict(self, task: str, inputs: list[TextInput], max_length: int, tenant: str | None = None) -> Answer:
         """Admit (or refuse at once), tokenise, queue, and wait for the answer."""
         self._admit(len(inputs), tenant)
