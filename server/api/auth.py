@@ -11,9 +11,11 @@ Without an API key or tenants, reading and predicting stay open; without an admi
 so do uploads and deletes. Every refusal says the same sentence for a missing, malformed or unknown
 credential (nothing tells a client what exists), and goes to the audit log.
 
-Tenants' tasks: `Authenticated` also answers a route's `{name}` path parameter that names another
-tenant's task as absent (404), for every route, those added later included; writes are checked
-again by the store, atomically with the write (`Server.put_task`, `Server.delete_task`).
+Tenants' tasks: a route that takes the caller (`CallerDep`) passes it on (`Server.task`,
+`Server.predict`, `Server.put_task`, ...), which answer another tenant's task as absent, in the route's
+own words; for any other route with a `{name}` path parameter (those added later included),
+`Authenticated` answers 404 before it runs. Writes are checked again by the store, atomically with
+the write.
 """
 
 from __future__ import annotations
@@ -82,11 +84,18 @@ def authenticate(request: Request,
             raise refuse(request, caller, "API key")
         return Caller("anonymous")
     name = request.path_params.get("name")
-    if name and caller.owner is not None and request.method not in ("PUT", "DELETE"):
+    if name and caller.owner is not None and not _answers_for_caller(request.scope.get("route")):
         info = server.store.get_info(name)
         if info is not None and info.owner != caller.owner:
             raise TaskNotFound(name)  # another tenant's task: as if absent
     return caller
+
+
+def _answers_for_caller(route: object) -> bool:
+    """Whether a route takes the `Caller` (a `CallerDep` parameter) and so answers another tenant's task as
+    absent itself, in its own words (the route-walk test holds it to the words of a truly absent name)."""
+    dependant = getattr(route, "dependant", None)
+    return dependant is not None and any(d.call is authenticate and d.name for d in dependant.dependencies)
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
