@@ -7,7 +7,8 @@
 
 Sections: engine throughput against the dense ceiling, per-task model copies, naive swapping
 and PEFT's mixed batch; memory (computed and RSS-checked); cold load; the served mixed workload
-against the dense backbone's length-bucketed throughput (bench/served.py); HTTP end to end.
+against the dense backbone's length-bucketed throughput (bench/served.py); embeddings, bare and mixed with
+classification, against the dense backbone (bench/embeddings.py); HTTP end to end.
 Nothing here asserts on speed; the baselines' logits are checked against the engine's.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench import http, memory, report, served, soak
+from bench import embeddings, http, memory, report, served, soak
 from bench.engine import commit, machine
 from bench.suite import Workbench
 from bench.workload import METHODS, sentences
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads here and in the server (default 1: on a busy 2-core machine two "
                              "threads wait on each other's stragglers; see BENCHMARKS.md)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: engine,memory,cold,served,http")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: engine,memory,cold,served,embeddings,http")
     parser.add_argument("--soak", action="store_true", help="run only the soak (bench/soak.py)")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-clients", type=int, default=64)
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
                                     threads=args.threads)
         run.extra_sections.append(served.section(served_results, 64, 1 if args.quick else 2,
                                                  time.perf_counter() - served_started, []))
+
+    if "embeddings" not in skip:
+        # Issue 21: the bare backbone's embeddings and embedding + classification tasks in one batch, against
+        # the dense backbone on the same sentences (and sentence-transformers' own encode).
+        run.extra_sections.append(embeddings.section(embeddings.run(rows=64, rounds=3 if args.quick else 7)))
 
     if "http" not in skip:
         deltas = [wb.delta_bytes(METHODS[i % len(METHODS)])[i // len(METHODS)] for i in range(16)]
