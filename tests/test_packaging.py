@@ -111,8 +111,9 @@ def wheel(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("source") / "deltaserve"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "store", "runs", "*.egg-info",
                                                                   "__pycache__", ".venv", ".*_cache"))
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(out), str(source)], capture_output=True, text=True, timeout=300)
+    # Build isolation, as pip installs: the build needs setuptools >= 77 (PEP 639), which a fresh venv lacks.
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(source)],
+                           capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     (found,) = out.glob("deltaserve-*.whl")
     return found
