@@ -167,3 +167,25 @@ def test_a_feature_without_its_extra_names_the_pip_command(flags, extra, monkeyp
     err = capsys.readouterr().err
     assert f"pip install 'deltaserve[{extra}]'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def github_anchor(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_benchmarks_start_with_the_current_figures():
+    """BENCHMARKS.md opens with one table of the current figure per area (date, commit, machine), and each
+    row's link leads to a section of the history below it."""
+    text = (REPO / "BENCHMARKS.md").read_text()
+    current = text.split("## Current figures", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in current.splitlines() if line.startswith("| ") and not line.startswith("| area")]
+    assert "| area | current figure | against | date | commit | machine | details |" in current
+    assert len(rows) >= 8
+    anchors = {github_anchor(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 7, row
+        for link in re.findall(r"\]\(#([^)]+)\)", cells[6]):
+            assert link in anchors, f"{cells[0]}: no heading for #{link}"
+    assert text.index("## Current figures") < text.index("## History")
