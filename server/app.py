@@ -32,7 +32,8 @@ from server.api.middleware import (
     ShutdownMiddleware,
 )
 from server.backbone import Backbone
-from server.service import Server
+from server.extras import MissingExtra
+from server.service import Server, StoreNotWritable
 from server.settings import Settings
 
 log = logging.getLogger("deltaserve")
@@ -79,6 +80,11 @@ def create_app(settings: Settings | None = None, *, backbone: Backbone | None = 
     async def build_in_background(app: FastAPI) -> Server | None:
         try:
             return await build(app)
+        except (StoreNotWritable, MissingExtra) as err:  # the operator's to fix, said in one line
+            log.error("deltaserve could not start: %s", err)
+            assert on_load_failure is not None
+            on_load_failure(err)
+            return None
         except Exception as err:
             log.exception("deltaserve could not start")
             assert on_load_failure is not None

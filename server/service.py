@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,10 @@ def check_inputs(inputs: list[TextInput], max_chars: int) -> None:
             if len(text) > max_chars:
                 raise TooManyInputs(f"{where} has {len(text)} characters; the limit is {max_chars}")
             check_text(text, where)
+
+
+class StoreNotWritable(RuntimeError):
+    """The store folder cannot be written by the server's user: said with the fix, at start."""
 
 
 class Loading(RuntimeError):
@@ -281,7 +286,16 @@ def open_settings_store(settings: Settings, backbone: Backbone) -> DeltaStore:
     """The store the settings name: a folder, or `s3://bucket/prefix` (endpoint and poll interval from settings)."""
     options = {"endpoint_url": settings.s3_endpoint_url, "poll_interval_s": settings.store_poll_s} \
         if settings.store.startswith("s3://") else {}
-    return open_store(settings.store, backbone.spec(), max_delta_bytes=settings.max_upload_bytes, **options)
+    try:
+        return open_store(settings.store, backbone.spec(), max_delta_bytes=settings.max_upload_bytes, **options)
+    except PermissionError as err:
+        # The image runs as uid 10001; a bind-mounted host folder of another owner ended here in two
+        # tracebacks and no hint.
+        uid = os.getuid()
+        raise StoreNotWritable(
+            f"the store {settings.store!r} is not writable by this user (uid {uid}): {err.strerror}: "
+            f"{err.filename}. A bind-mounted host folder must belong to uid {uid}: `sudo chown -R {uid} "
+            f"<host folder>` (a named volume needs nothing)") from None
 
 
 def demo_dir(settings: Settings) -> Path | None:

@@ -89,3 +89,26 @@ def test_a_stopped_batcher_makes_the_server_unready(tiny_backbone, tmp_path):
 
     before, after, ready = asyncio.run(scenario())
     assert before == 200 and after["code"] == 503 and "batcher has stopped" in after["problem"] and ready == 503
+
+
+def test_a_store_folder_of_another_owner_is_said_with_the_fix(tiny_backbone, tmp_path, monkeypatch, caplog):
+    """The image's uid 10001 and a bind mount owned by someone else: one log line naming `chown -R`, no traceback.
+    (Simulated: the tests may run as root, whom file permissions do not stop.)"""
+    import server.service
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/store/manifest.json")
+
+    monkeypatch.setattr(server.service, "open_store", denied)
+    failures: list[BaseException] = []
+    app = create_app(settings(tmp_path), backbone=tiny_backbone, on_load_failure=failures.append)
+    with TestClient(app) as client:
+        for _ in range(200):
+            if failures:
+                break
+            threading.Event().wait(0.05)
+        assert client.get("/health").status_code == 503
+    (error,) = failures
+    assert "chown -R" in str(error) and "/data/store/manifest.json" in str(error)
+    lines = [r for r in caplog.records if "could not start" in r.getMessage()]
+    assert lines and all(r.exc_info is None for r in lines)
