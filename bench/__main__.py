@@ -4,11 +4,13 @@
     python -m bench --quick    # ≤ 1 min: short texts, k ∈ {1, 16}, lora + mask + mix, dense/swap/PEFT
     python -m bench --no-write # print the section, leave BENCHMARKS.md and the plots alone
     python -m bench --soak     # only the soak: 10,000 mixed requests at 64 clients, RSS over time (bench/soak.py)
+    python -m bench --fair-share  # only the fair share between a flooding and a light tenant (bench/fair_share.py)
 
 Sections: engine throughput against the dense ceiling, per-task model copies, naive swapping
 and PEFT's mixed batch; memory (computed and RSS-checked); cold load; the served mixed workload
 against the dense backbone's length-bucketed throughput (bench/served.py); embeddings, bare and mixed with
-classification, against the dense backbone (bench/embeddings.py); HTTP end to end.
+classification, against the dense backbone (bench/embeddings.py); HTTP end to end; the fair share
+between tenants (full runs only, bench/fair_share.py).
 Nothing here asserts on speed; the baselines' logits are checked against the engine's.
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench import embeddings, http, memory, report, served, soak
+from bench import embeddings, fair_share, http, memory, report, served, soak
 from bench.engine import commit, machine
 from bench.suite import Workbench
 from bench.workload import METHODS, sentences
@@ -51,14 +53,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads here and in the server (default 1: on a busy 2-core machine two "
                              "threads wait on each other's stragglers; see BENCHMARKS.md)")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: engine,memory,cold,served,embeddings,http")
+                        help="comma-separated sections to skip: engine,memory,cold,served,embeddings,http,fair")
     parser.add_argument("--soak", action="store_true", help="run only the soak (bench/soak.py)")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-clients", type=int, default=64)
+    parser.add_argument("--fair-share", action="store_true", help="run only the fair share (bench/fair_share.py)")
+    parser.add_argument("--fair-share-seconds", type=float, default=60.0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.soak:
         run_soak(args)
+        return
+    if args.fair_share:
+        run_fair_share(args)
         return
     skip = set(filter(None, args.skip.split(",")))
     started = time.perf_counter()
@@ -114,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         levels = {1: 4, 16: 16, 64: 64} if args.quick else {1: 24, 16: 160, 64: 640}
         run.http = http.run(wb.backbone, wb.engine, deltas, texts, levels, args.threads)
 
+    if "fair" not in skip and not args.quick:
+        now_fair = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        load_average = uptime()
+        loads = fair_share.run(args.fair_share_seconds, threads=args.threads)
+        run.extra_sections.append(fair_share.section(loads, now_fair, commit(), machine(), load_average))
+
     run.notes.append("Each task is a random delta with its method's real parts, sizes and placement "
                      "(bench/workload.py); 16 distinct deltas per method, prepared again under new names for k = 64.")
     run.notes.append(f"Threads: {args.threads}. On this shared 2-core machine torch with 2 threads was 2–20× slower "
@@ -138,6 +151,28 @@ def run_soak(args: argparse.Namespace) -> None:
     result = soak.run(args.soak_requests, args.soak_clients, args.threads)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = soak.section(result, now, commit(), machine())
+    print(text)
+    if not args.no_write:
+        path = report.ROOT / "BENCHMARKS.md"
+        path.write_text(path.read_text().rstrip() + "\n\n" + text)
+        print(f"appended to {path}")
+
+
+def uptime() -> str:
+    """`uptime`'s load averages now: how busy the shared machine was when a benchmark started."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_fair_share(args: argparse.Namespace) -> None:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_average = uptime()
+    loads = fair_share.run(args.fair_share_seconds, threads=args.threads)
+    text = fair_share.section(loads, now, commit(), machine(), load_average)
     print(text)
     if not args.no_write:
         path = report.ROOT / "BENCHMARKS.md"
