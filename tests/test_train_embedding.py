@@ -270,3 +270,37 @@ def test_train_command_finetune_reports_without_a_delta(tmp_path, tiny_folder):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["delta_bytes"] is None and rep["method"] == "finetune" and rep["backbone_eval"] is None
 
+
+
+def test_the_server_answers_with_the_trained_embeddings(tmp_path, tiny_folder):
+    """Train on the tiny folder, push the delta to a real server, ask over HTTP: the trainer's vectors."""
+    import httpx
+
+    from server.app import create_app
+    from tests.http_helpers import ADMIN, live_server, settings
+    from training.cli import push
+    from training.embedding import encode_texts
+    from training.methods import make_method
+    from training.trainer import train
+
+    data = _write(tmp_path / "train.tsv", [*PAIRS, Pair("x y", "z w", False)])
+    evaluation = _write(tmp_path / "eval.tsv", PAIRS[:3])
+    run = TrainSettings(method="pasta", task_type="embedding", train=str(data), eval=str(evaluation),
+                        val_fraction=0.34, text_column="first", text_pair_column="second",
+                        backbone=str(tiny_folder), epochs=1, batch_size=4, max_length=64)
+    result = train(run, make_method("pasta", method_args()), progress=False)
+    assert result.delta_bytes is not None
+    texts = ["The cat sat on the mat.", "Völlig unerwartet: ein 🤖 [MASK] im Text.", "short"]
+    expected = embed(result.model, encode_texts(texts, result.model.backbone, 64), 4)
+    app = create_app(settings(tmp_path / "store"), backbone=Backbone.load(tiny_folder, device="cpu"))
+    with live_server(app) as url:
+        push(url, "paraphrase", result.delta_bytes, "s3cret")
+        answer = httpx.post(f"{url}/tasks/paraphrase/predict", json={"inputs": texts}, headers=ADMIN)
+        answer.raise_for_status()
+        got = torch.tensor([p["embedding"] for p in answer.json()["predictions"]])
+        openai_answer = httpx.post(f"{url}/v1/embeddings", json={"model": "paraphrase", "input": texts},
+                                   headers=ADMIN).json()
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
+    via_openai = torch.tensor([item["embedding"] for item in openai_answer["data"]])
+    assert torch.allclose(via_openai, expected, atol=2e-4)
