@@ -33,7 +33,8 @@ from server.audit import AuditLog
 from server.backbone import Backbone, check_text
 from server.batching import Answer, Batcher, BatchRunner, Job, PipelineBatcher, TextInput, Tokenizer
 from server.cache import DeltaCache
-from server.engine import Engine
+from server.delta import prepare_delta
+from server.engine import Engine, Row
 from server.extras import check_settings, package_version
 from server.metrics import Metrics
 from server.postprocess import UnsupportedInput
@@ -68,6 +69,10 @@ class Loading(RuntimeError):
 
     def __init__(self) -> None:
         super().__init__("the server is still loading its backbone and store; try again shortly")
+
+
+# What `Server.check_forward` runs an upload on: ordinary English, long enough to fill any max_length.
+TRIAL_TEXT = " ".join(["The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun."] * 40)
 
 
 class Replaced(RuntimeError):
@@ -174,6 +179,7 @@ class Server:
         replaced versions' prepared deltas, update the gauge, and audit the outcome."""
         quota = self._tenant_quota(caller)
         try:
+            await asyncio.to_thread(self.check_forward, name, data)
             info, created = await asyncio.to_thread(self.store.put, name, data, caller.owner, quota)
         except Exception as err:
             self.audit.record(caller, route, _refusal(err), name)
@@ -182,6 +188,22 @@ class Server:
         self.metrics.tasks.set(len(self.store.list()))
         self.audit.record(caller, route, "created" if created else "replaced", name, info.version)
         return info, created
+
+    def check_forward(self, name: str, data: bytes) -> None:
+        """Run the delta once on a full-length trial text, on this server's engine, before it is stored:
+        `InvalidDelta` (422) when its output is not finite.
+
+        Every value within ±65504 (and B·A too, `adapters_store.format`) does not bound what the forward
+        computes: a delta that overflows it answered every predict 422 once stored. The trial shares the
+        engine's lock with the batcher (one forward at a time); validation errors raise as the store's.
+        """
+        delta = prepare_delta(data, self.backbone, name, 0)
+        max_length = self.runner.max_length(delta.meta.max_length)
+        (probe,) = self.tokenizer.encode_blocking([TRIAL_TEXT], max_length)
+        (output,) = self.runner.engine.forward([Row(delta, probe)])
+        if not bool(torch.isfinite(output).all()):
+            raise InvalidDelta("file", "the forward pass overflows with this delta: its output for a trial text is "
+                                       "not finite, so no input could be answered")
 
     async def delete_task(self, name: str, caller: Caller = OPERATOR,
                           route: str = "DELETE /tasks/{name}") -> TaskInfo:

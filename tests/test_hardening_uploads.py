@@ -145,3 +145,25 @@ def test_lora_rank_and_product_are_bounded(tiny_backbone):
     with pytest.raises(InvalidDelta) as caught:
         parse_delta(at_bound, spec)
     assert caught.value.key == f"{Q}.lora_B" and "B·A" in str(caught.value)
+
+
+def test_a_delta_whose_forward_overflows_is_refused_before_it_is_stored(tokenizer, tmp_path):
+    """Bounding each value (and B·A) keeps a float32 forward finite on a usual backbone, but not on every
+    one (a float16 GPU overflows at 65504): the upload is run once on the server's own engine. Here a
+    backbone whose last LayerNorm scales by 1e34 stands for it: a classifier at the bound overflows it."""
+    from conftest import make_tiny_backbone
+
+    backbone = make_tiny_backbone(tokenizer, pooler=False)
+    with torch.no_grad():
+        backbone.model.encoder.layer[-1].output.LayerNorm.weight.fill_(1e34)
+    d = backbone.hidden_size
+    with served(backbone, tmp_path) as client:
+        overflowing = build_delta(backbone, extra={"head.classifier.weight": torch.full((2, d), 65504.0)})
+        parse_delta(overflowing, backbone.spec())  # every rule of the format holds
+        response = client.put("/tasks/big", content=overflowing, headers=ADMIN)
+        assert response.status_code == 422, response.text
+        assert "file" in response.json()["detail"] and "not finite" in response.json()["detail"]
+        assert store_files(tmp_path) == [] and client.get("/tasks").json()["tasks"] == []
+        ordinary = build_delta(backbone, extra={"head.classifier.weight": torch.full((2, d), 1e-3)})
+        assert client.put("/tasks/fine", content=ordinary, headers=ADMIN).status_code == 201
+        assert client.post("/tasks/fine/predict", json={"inputs": "hello"}).status_code == 200
