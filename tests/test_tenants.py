@@ -232,3 +232,12 @@ def _up(http: httpx.Client) -> bool:
         return http.get("/health").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_batcher_shares_by_the_files_weights_and_follows_a_reload(client, tenants_file, tiny_backbone, tmp_path):
+    fair = client.app.state.server.batcher._fair
+    assert fair is not None and fair.weight("beta") == 2.0 and fair.weight("acme") == 1.0 and fair.weight(None) == 1.0
+    tenants_file.write_text(tenants_toml(acme="weight = 5"))
+    wait_until(lambda: fair.weight("acme") == 5.0)
+    with served(tiny_backbone, tmp_path / "plain") as plain:  # without tenants: first come, first served
+        assert plain.app.state.server.batcher._fair is None

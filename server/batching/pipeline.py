@@ -337,9 +337,14 @@ class PipelineBatcher:
             item.job.stage_seconds.setdefault("queue", now - item.job.enqueued_at)
         chosen = {id(i) for i in batch}
         self._pending = [i for i in self._pending if id(i) not in chosen]
+        left: dict[str | None, list[int]] = {}  # tenant -> [requests with no row left waiting, rows taken]
         for item in batch:
             item.job.queued -= 1
-            self._count(-(item.job.queued == 0), -1, item.job.tenant)
+            counts = left.setdefault(item.job.tenant, [0, 0])
+            counts[0] += item.job.queued == 0
+            counts[1] += 1
+        for tenant, (jobs, rows) in left.items():
+            self._count(-jobs, -rows, tenant)
         self._check_idle()
         return batch
 
