@@ -83,7 +83,8 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[Row]) -> list[torch.Tensor]:
-        """Logits per row, in the caller's order: [C] (sequence) or [tokens, C] (token classification)."""
+        """Each row's answer, in the caller's order: logits [C] (sequence) or [tokens, C] (token
+        classification), or the float32 vector [D] of an embedding task."""
         return self.run(self.prepare(rows))
 
     def prepare(self, rows: Sequence[Row]) -> Planned:
@@ -107,7 +108,7 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, planned: Planned) -> list[torch.Tensor]:
-        """The forward of a prepared batch, under the engine's lock; logits in the caller's order."""
+        """The forward of a prepared batch, under the engine's lock; answers in the caller's order."""
         batch = planned.batch
         if batch is None:
             return []
