@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from server.api.auth import CallerDep
 from server.api.body import StrictJSONRoute
-from server.api.deps import ServerDep
+from server.api.deps import ServerDep, TaskName
 from server.backbone import InvalidText, check_text
 from server.embeddings import EmbeddingModel, NotAnEmbeddingModel, embed, embedding_models, resolve
 
@@ -138,7 +138,7 @@ async def list_models(server: ServerDep, caller: CallerDep) -> dict[str, Any]:
 
 
 @router.get("/models/{name}", response_model=ModelCard, responses=OPENAI_ERRORS, summary="Retrieve a model")
-async def retrieve_model(server: ServerDep, name: str, caller: CallerDep) -> dict[str, Any]:
+async def retrieve_model(server: ServerDep, name: TaskName, caller: CallerDep) -> dict[str, Any]:
     try:
         return _card(resolve(server, name, caller))
     except NotAnEmbeddingModel as err:  # a classification task is no model of this API: not found here
