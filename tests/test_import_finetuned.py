@@ -21,7 +21,7 @@ from transformers import (
     pipeline,
 )
 
-from adapters_store.format import MODULE_PARTS, parse_delta
+from adapters_store.format import parse_delta
 from server.backbone import Backbone
 from server.delta import prepare_delta
 from server.engine import Engine, Row
@@ -299,7 +299,3 @@ def test_export_refuses_what_no_standard_class_expresses(tmp_path, base_dir, tok
                  "--store", str(tmp_path / "nowhere")]) == 2
     assert "not a file" in capsys.readouterr().err
 
-
-def test_every_registered_part_has_a_dense_effect():
-    for kind, cls in MODULE_PARTS.items():
-        assert "dense_effect" in vars(cls), f"{kind}: no dense effect"

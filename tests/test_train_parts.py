@@ -52,12 +52,12 @@ def test_dsee_unstructured_pruning_ratio_is_exact_per_group(tokenizer):
     method.setup(model, None)  # type: ignore[arg-type]
     with torch.no_grad():
         for module in model.deltas.values():
-            module.lora_B.normal_()  # type: ignore[union-attr]
+            module.parts["low_rank"].B.normal_()
     method.before_phase(model, 1)
     adapted = set(method.adapted(model))
     for group in (adapted, set(model.deltas) - adapted):
         total = sum(model.deltas[n].weight.numel() for n in group)
-        dropped = sum(int((~model.deltas[n].keep).sum()) for n in group)  # type: ignore[operator]
+        dropped = sum(int((~model.deltas[n].keep_mask()).sum()) for n in group)  # type: ignore[operator]
         assert dropped == round(0.2 * total)
     assert all(not name.startswith("pooler") for name in model.deltas)
 
@@ -78,9 +78,9 @@ def test_head_pruning_removes_the_heads_with_the_smallest_update(tokenizer):
         for layer in range(backbone.num_layers):
             for role in ("query", "value"):
                 module = model.deltas[model.layer_module(layer, role)]
-                module.lora_B.fill_(1.0)  # type: ignore[union-attr]
-                module.lora_B[8 * layer:8 * layer + 8] = 0.0  # type: ignore[index]
-                module.sparse_value.zero_()  # type: ignore[union-attr]
+                module.parts["low_rank"].B.fill_(1.0)
+                module.parts["low_rank"].B[8 * layer:8 * layer + 8] = 0.0
+                module.parts["sparse"].value.zero_()
     method.before_phase(model, 1)
     for layer in range(backbone.num_layers):
         expected = [1] * 4
@@ -94,10 +94,10 @@ def test_lora_scale_is_alpha_over_rank(tokenizer):
     backbone = make_tiny_backbone(tokenizer)
     model = DeltaModel(backbone, "sequence-classification", 2)
     module = model.wrap(model.layer_module(0, "query"))
-    add_low_rank(module, 4, 16)
+    low_rank = add_low_rank(module, 4, 16)
     with torch.no_grad():
-        module.lora_B.normal_()  # type: ignore[union-attr]
-    expected = module.weight + 4.0 * module.lora_B @ module.lora_A  # type: ignore[operator]
+        low_rank.B.normal_()
+    expected = module.weight + 4.0 * low_rank.B @ low_rank.A
     assert torch.allclose(module.effective_weight(), expected, atol=1e-6)
 
 

@@ -1,10 +1,11 @@
 """The spec's forward pass as trainable torch modules.
 
 `DeltaModel` wraps a `Backbone`'s base model in place: every `nn.Linear` a method touches
-becomes a `DeltaLinear` computing `W ⊙ K + B·A + S` (with head keep zeroing input columns of
-the attention output projection), PASTA vectors are added by forward pre-hooks on the layers,
-and the task head follows task-delta.md. Training therefore optimises exactly the function
-the engine serves, and `export()` / `load_delta()` convert to and from a `TaskDelta`.
+becomes a `DeltaLinear` computing `W ⊙ K + B·A + S` from its trainable parts (`training.parts`,
+one class per part kind; head keep zeroes input columns of the attention output projection),
+PASTA vectors are added by forward pre-hooks on the layers, and the task head follows
+task-delta.md. Training therefore optimises exactly the function the engine serves, and
+`export()` / `load_delta()` convert to and from a `TaskDelta`.
 
 The dense formula itself is `adapters_store.formula.effective_weight` (one home, autograd-safe);
 swapping linears in place, the layer-input hooks, layer roles, PASTA slots and the head's pooler
@@ -18,40 +19,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters_store.format import (
-    DeltaMeta,
-    HeadKeep,
-    KeepMask,
-    LowRank,
-    PastaVectors,
-    SparseUpdate,
-    TaskDelta,
-    TaskHead,
-)
+from adapters_store.format import MODULE_PARTS, DeltaMeta, HeadKeep, ModulePart, PastaVectors, TaskDelta, TaskHead
 from adapters_store.formula import effective_weight
-from adapters_store.packing import pack_bits, unpack_bits
 from server.backbone import Backbone
 from server.pooling import POOLING_MODES, l2_normalize, pool
+from training.parts import TRAINABLE_PARTS, BinaryStep, TrainableKeep, TrainablePart
 
-
-class BinaryStep(torch.autograd.Function):
-    """`scores >= tau` forward, identity backward (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, tau: float) -> torch.Tensor:  # type: ignore[override]
-        return (scores >= tau).to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
+__all__ = ["BinaryStep", "DeltaLinear", "DeltaModel", "model_from_delta"]
 
 
 class DeltaLinear(nn.Module):
-    """An `nn.Linear` whose effective weight is `W ⊙ K + (s·B)·A + scatter(Ω, s·S)`.
+    """An `nn.Linear` whose effective weight is its trainable parts composed: `W ⊙ K + (s·B)·A + scatter(Ω, s·S)`.
 
-    `K` is either a fixed boolean mask or learned as `scores >= tau`. Scales are kept apart
-    during training and folded into B and S on export, computed in the same order here so
-    the served weight is bit-for-bit the trained one.
+    One trainable part per registered kind (`training.parts`), applied in the format registry's
+    order, so the served weight is bit-for-bit the trained one; head keep (`input_keep`) zeroes
+    input columns last.
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -59,57 +41,45 @@ class DeltaLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.keep: torch.Tensor | None = None
-        self.scores: nn.Parameter | None = None
-        self.tau = 0.0
-        self.lora_A: nn.Parameter | None = None
-        self.lora_B: nn.Parameter | None = None
-        self.lora_scale = 1.0
-        self.sparse_index: torch.Tensor | None = None
-        self.sparse_value: nn.Parameter | None = None
-        self.sparse_scale = 1.0
+        self.parts = nn.ModuleDict()
         self.input_keep: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    def add_part(self, part: TrainablePart) -> TrainablePart:
+        """Install (or replace) this module's part of `part.kind`."""
+        self.parts[part.kind] = part
+        return part
+
+    def part(self, kind: str) -> TrainablePart | None:
+        return self.parts[kind] if kind in self.parts else None  # noqa: SIM401 (ModuleDict: no .get)
+
+    def ordered_parts(self) -> list[TrainablePart]:
+        return [self.parts[kind] for kind in MODULE_PARTS if kind in self.parts]  # type: ignore[misc]
+
     def keep_mask(self) -> torch.Tensor | None:
         """The binary `K` (bool), learned or fixed; None when the module is not masked."""
-        if self.scores is not None:
-            return (self.scores >= self.tau).detach()
-        return self.keep
-
-    def folded_lora_B(self) -> torch.Tensor:
-        assert self.lora_B is not None
-        return self.lora_B * self.lora_scale
-
-    def folded_sparse_value(self) -> torch.Tensor:
-        assert self.sparse_value is not None
-        return self.sparse_value * self.sparse_scale
+        keep = self.part(TrainableKeep.kind)
+        return keep.mask() if isinstance(keep, TrainableKeep) else None
 
     def effective_weight(self) -> torch.Tensor:
-        if self.scores is not None:
-            keep: torch.Tensor | None = BinaryStep.apply(self.scores, self.tau)
-        else:
-            keep = self.keep
-        return effective_weight(
-            self.weight, keep=keep,
-            lora_A=self.lora_A, lora_B=self.folded_lora_B() if self.lora_B is not None else None,
-            sparse_index=self.sparse_index,
-            sparse_value=self.folded_sparse_value() if self.sparse_value is not None else None,
-            input_keep=self.input_keep,
-        )
+        weight = self.weight
+        for part in self.ordered_parts():
+            weight = part.apply_to(weight)
+        if self.input_keep is not None:
+            weight = effective_weight(weight, input_keep=self.input_keep)
+        return weight
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = (s·B)·A + S alone (the formula on a zero W), detached; what DSEE prunes by."""
+        """ΔW = (s·B)·A + S alone (the additive parts on a zero W), detached; what DSEE prunes by."""
         with torch.no_grad():
-            return effective_weight(
-                torch.zeros(self.shape, dtype=self.weight.dtype, device=self.weight.device),
-                lora_A=self.lora_A, lora_B=self.folded_lora_B() if self.lora_B is not None else None,
-                sparse_index=self.sparse_index,
-                sparse_value=self.folded_sparse_value() if self.sparse_value is not None else None,
-            )
+            delta = torch.zeros(self.shape, dtype=self.weight.dtype, device=self.weight.device)
+            for part in self.ordered_parts():
+                if part.additive:
+                    delta = part.apply_to(delta)
+            return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
@@ -268,20 +238,10 @@ class DeltaModel(nn.Module):
 
     def export(self, meta: DeltaMeta) -> TaskDelta:
         """The trained parts as a `TaskDelta`, scales folded in."""
-        keep: dict[str, KeepMask] = {}
-        low_rank: dict[str, LowRank] = {}
-        sparse: dict[str, SparseUpdate] = {}
+        parts: list[ModulePart] = []
         with torch.no_grad():
             for name, module in sorted(self.deltas.items()):
-                mask = module.keep_mask()
-                if mask is not None:
-                    keep[name] = KeepMask(name, module.shape, pack_bits(mask.cpu()))
-                if module.lora_A is not None:
-                    low_rank[name] = LowRank(name, module.lora_A.detach().cpu().clone(),
-                                             module.folded_lora_B().detach().cpu().clone())
-                if module.sparse_value is not None and module.sparse_index is not None:
-                    sparse[name] = SparseUpdate(name, module.shape, module.sparse_index.cpu().clone(),
-                                                module.folded_sparse_value().detach().cpu().clone())
+                parts += [part.export(name, module.shape) for part in module.ordered_parts()]
             head = TaskHead(
                 self.classifier.effective_weight().detach().cpu().clone() if self.classifier is not None else None,
                 self.classifier.bias.detach().cpu().clone() if self.classifier is not None else None,
@@ -292,25 +252,16 @@ class DeltaModel(nn.Module):
             )
             head_keep = {layer: HeadKeep(layer, keep_.clone()) for layer, keep_ in sorted(self.head_keep.items())}
             pasta = PastaVectors(self.pasta.detach().cpu().clone()) if self.pasta is not None else None
-        parts = [*keep.values(), *low_rank.values(), *sparse.values()]
         return TaskDelta.from_parts(meta, head, parts, head_keep, pasta)
 
     def load_delta(self, delta: TaskDelta) -> None:
         """Install a parsed delta's parts (frozen) so this model computes what it specifies."""
         dev = self.device
         with torch.no_grad():
-            for name, part in delta.keep.items():
-                self.wrap(name).keep = unpack_bits(part.packed, part.shape).to(dev)
-            for name, part in delta.low_rank.items():
+            for name, found in delta.module_parts.items():
                 module = self.wrap(name)
-                module.lora_A = nn.Parameter(part.A.float().to(dev).clone(), requires_grad=False)
-                module.lora_B = nn.Parameter(part.B.float().to(dev).clone(), requires_grad=False)
-                module.lora_scale = 1.0
-            for name, part in delta.sparse.items():
-                module = self.wrap(name)
-                module.sparse_index = part.index.to(dev).clone()
-                module.sparse_value = nn.Parameter(part.value.float().to(dev).clone(), requires_grad=False)
-                module.sparse_scale = 1.0
+                for kind, part in found.items():
+                    module.add_part(TRAINABLE_PARTS[kind].frozen(part, dev))
             for layer, part in delta.head_keep.items():
                 self.set_head_keep(layer, part.keep)
             if delta.pasta is not None:

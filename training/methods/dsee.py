@@ -28,6 +28,7 @@ from training.grebsmo import sparse_support
 from training.methods import Method, Phase, Recipe, TaskInfo
 from training.methods.lora import add_low_rank
 from training.model import DeltaLinear, DeltaModel
+from training.parts import TrainableKeep, TrainableSparse
 
 
 @dataclass
@@ -95,9 +96,8 @@ class Dsee(Method):
         for name in self.adapted(model):
             module = model.wrap(name)
             add_low_rank(module, c.rank, c.alpha)
-            module.sparse_index = sparse_support(module.weight, c.sparse_k, c.grebsmo_rank)
-            module.sparse_value = nn.Parameter(module.weight.new_zeros(c.sparse_k))
-            module.sparse_scale = c.alpha / c.rank
+            module.add_part(TrainableSparse(sparse_support(module.weight, c.sparse_k, c.grebsmo_rank),
+                                            nn.Parameter(module.weight.new_zeros(c.sparse_k)), c.alpha / c.rank))
 
     def phases(self, epochs: int) -> list[Phase]:
         first = Phase("dense", epochs)
@@ -122,7 +122,7 @@ class Dsee(Method):
         dropped = 0
         for scores in groups:
             for name, keep in smallest_fraction(scores, self.config.ratio).items():
-                model.deltas[name].keep = keep
+                model.deltas[name].add_part(TrainableKeep(keep=keep))
                 dropped += int((~keep).sum())
         self.pruned = {"pruned_weights": dropped}
 

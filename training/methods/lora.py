@@ -17,6 +17,7 @@ from torch import nn
 from server.backbone import LAYER_ROLES
 from training.methods import Method, Recipe, TaskInfo
 from training.model import DeltaLinear, DeltaModel
+from training.parts import TrainableLowRank
 
 
 @dataclass
@@ -26,11 +27,11 @@ class LoraConfig:
     alpha: float = 16.0
 
 
-def add_low_rank(module: DeltaLinear, rank: int, alpha: float) -> None:
-    module.lora_A = nn.Parameter(module.weight.new_empty(rank, module.in_features))
-    nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
-    module.lora_B = nn.Parameter(module.weight.new_zeros(module.out_features, rank))
-    module.lora_scale = alpha / rank
+def add_low_rank(module: DeltaLinear, rank: int, alpha: float) -> TrainableLowRank:
+    A = nn.Parameter(module.weight.new_empty(rank, module.in_features))
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    B = nn.Parameter(module.weight.new_zeros(module.out_features, rank))
+    return module.add_part(TrainableLowRank(A, B, alpha / rank))  # type: ignore[return-value]
 
 
 class Lora(Method):

@@ -20,6 +20,7 @@ from torch import nn
 from server.backbone import LAYER_ROLES
 from training.methods import Method, Recipe, TaskInfo
 from training.model import DeltaLinear, DeltaModel
+from training.parts import TrainableKeep
 
 
 @dataclass
@@ -34,8 +35,8 @@ class MaskConfig:
 
 def add_scores(module: DeltaLinear, config: MaskConfig, generator: torch.Generator | None = None) -> None:
     scores = torch.rand(module.shape, generator=generator) * config.score_scale  # CPU draw: same on any device
-    module.scores = nn.Parameter(scores.to(device=module.weight.device, dtype=module.weight.dtype))
-    module.tau = config.initial_sparsity * config.score_scale
+    scores = nn.Parameter(scores.to(device=module.weight.device, dtype=module.weight.dtype))
+    module.add_part(TrainableKeep(scores=scores, tau=config.initial_sparsity * config.score_scale))
 
 
 class Mask(Method):
