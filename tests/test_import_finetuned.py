@@ -299,3 +299,23 @@ def test_export_refuses_what_no_standard_class_expresses(tmp_path, base_dir, tok
                  "--store", str(tmp_path / "nowhere")]) == 2
     assert "not a file" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize(("pooling", "projection", "normalize"), [("mean", None, True), ("cls", 16, False)])
+def test_embedding_exports_as_a_sentence_transformers_folder(tmp_path, base_dir, tokenizer, pooling, projection,
+                                                            normalize):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    backbone = Backbone.load(base_dir, device="cpu")
+    metadata = {"pooling": pooling, **({} if normalize else {"normalize": "false"})}
+    data = build_delta(backbone, parts=("lora", "keep"), task_type="embedding", projection=projection,
+                       metadata=metadata)
+    (tmp_path / "emb.safetensors").write_bytes(data)
+    assert main(["export", str(tmp_path / "emb.safetensors"), str(tmp_path / "st"), "--backbone",
+                 str(base_dir)]) == 0
+    model = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    exported = torch.as_tensor(model.encode(TEXTS, convert_to_numpy=True))
+    engine = Engine(Backbone.load(base_dir, device="cpu"))
+    delta = prepare_delta(data, engine.backbone, name="emb")
+    served = torch.stack(engine.forward([Row(delta, text) for text in backbone.encode(TEXTS)]))
+    assert exported.shape == served.shape
+    assert torch.allclose(exported, served, atol=1e-4)
+

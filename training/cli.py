@@ -256,8 +256,11 @@ def run_export(args: argparse.Namespace) -> int:
     except (InvalidDelta, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    task = "token-classification" if "ForTokenClassification" in json.loads((out / "config.json").read_text())[
-        "architectures"][0] else "text-classification"
+    if (out / "modules.json").is_file():
+        print(f"wrote {out}: a sentence-transformers folder (SentenceTransformer({str(out)!r}).encode(texts))")
+        return 0
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    task = "token-classification" if "ForTokenClassification" in architecture else "text-classification"
     print(f"wrote {out}: a standard transformers model folder (transformers.pipeline({task!r}, {str(out)!r}))")
     return 0
 

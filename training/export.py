@@ -8,6 +8,10 @@ it (BERT: the pooler and `classifier`; RoBERTa/MPNet: `classifier.dense` and `cl
 labels into `id2label`, the backbone's tokenizer alongside, its `model_max_length` set to the
 length the server truncates to. `transformers.pipeline` then answers as the server does.
 
+An `embedding` delta becomes a sentence-transformers folder instead (the folded encoder, its
+pooling, the projection as a `Dense` with no activation, `Normalize` unless `normalize` is false),
+which `SentenceTransformer(folder).encode` answers as the server does.
+
 What a standard class cannot express is refused with the reason: PASTA vectors (added to
 special tokens' hidden states before every layer: no transformers class has them), mean
 pooling in a classification model, a first-token classifier with no pooler on BERT (whose class
@@ -45,16 +49,19 @@ def _model_class(model_type: str, task_type: str) -> type:
 
 
 def check_exportable(delta: TaskDelta, backbone: Backbone) -> None:
-    """Raise `ExportError` naming why when no standard transformers class computes this delta."""
+    """Raise `ExportError` naming why when no standard class (transformers, or sentence-transformers for an
+    embedding) computes this delta."""
     if delta.pasta is not None:
         raise ExportError("PASTA vectors are added to the special tokens' hidden states before every layer; no "
                           "transformers model class has such a step, so this delta cannot be exported")
-    pooling = delta.meta.pooling or "cls"  # None for token classification (every token is read)
-    if pooling != "cls" or delta.meta.task_type not in ("sequence-classification", "token-classification"):
-        raise ExportError(f"{delta.meta.task_type} with {pooling} pooling: transformers' classification classes "
-                          "read the first token; mean pooling has no standard classification class")
     if backbone.model_type not in _CLASS_PREFIX:
         raise ExportError(f"no transformers classification class known for {backbone.model_type!r}")
+    if delta.meta.is_embedding:
+        return  # a sentence-transformers folder: Transformer, Pooling (cls or mean), Dense, Normalize
+    if delta.meta.mean_pooling:
+        raise ExportError("mean pooling in a classification model: transformers' …ForSequenceClassification "
+                          "classes read the first token, and sentence-transformers has no standard classifier "
+                          "module, so this delta cannot be exported")
     if delta.meta.task_type == "sequence-classification":
         if backbone.model_type == "distilbert":
             raise ExportError("DistilBERT's sequence classifier applies pre_classifier + ReLU; a delta's head is "
@@ -64,6 +71,18 @@ def check_exportable(delta: TaskDelta, backbone: Backbone) -> None:
             raise ExportError("this delta classifies the first token's hidden state directly (no pooler in the "
                               "delta or the backbone); transformers' sequence classifiers always apply a dense + "
                               "tanh first")
+
+
+def folded_state(delta: TaskDelta, backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The backbone's state dict with the delta folded in: W ⊙ K + B·A + S, pruned heads' columns zeroed."""
+    state = {k: v.detach().float().cpu().clone() for k, v in backbone.model.state_dict().items()}
+    for module in delta.modules():
+        state[f"{module}.weight"] = delta.dense_weight(module, state[f"{module}.weight"])
+    for layer, head_keep in delta.head_keep.items():
+        name = f"{backbone.attention_output_modules[layer]}.weight"
+        columns = head_keep.keep.to(torch.float32).repeat_interleave(backbone.head_dim)
+        state[name] = state[name] * columns
+    return state
 
 
 def folded_model(delta: TaskDelta, backbone: Backbone) -> nn.Module:
@@ -80,13 +99,7 @@ def folded_model(delta: TaskDelta, backbone: Backbone) -> nn.Module:
     config.torch_dtype = "float32"
     model = _model_class(backbone.model_type, meta.task_type)(config).float().eval()
     base = model.base_model
-    state = {k: v.detach().float().cpu().clone() for k, v in backbone.model.state_dict().items()}
-    for module in delta.modules():
-        state[f"{module}.weight"] = delta.dense_weight(module, state[f"{module}.weight"])
-    for layer, head_keep in delta.head_keep.items():
-        name = f"{backbone.attention_output_modules[layer]}.weight"
-        columns = head_keep.keep.to(torch.float32).repeat_interleave(backbone.head_dim)
-        state[name] = state[name] * columns
+    state = folded_state(delta, backbone)
     head = delta.head
     if meta.task_type == "sequence-classification":
         if backbone.model_type in _DENSE_HEAD:
@@ -116,23 +129,58 @@ def folded_model(delta: TaskDelta, backbone: Backbone) -> nn.Module:
     return model.eval()
 
 
+def _save_sentence_transformer(delta: TaskDelta, backbone: Backbone, folder: Path) -> None:
+    """An embedding delta as a sentence-transformers folder: the folded encoder, its pooling (cls or mean),
+    the projection as a Dense with no activation, Normalize unless `normalize` is false."""
+    try:
+        from sentence_transformers import SentenceTransformer, models
+    except ImportError:
+        raise ExportError("an embedding delta exports as a sentence-transformers folder: pip install "
+                          "sentence-transformers") from None
+    encoder = backbone.model.__class__(backbone.model.config)
+    missing, unexpected = encoder.load_state_dict(folded_state(delta, backbone), strict=False)
+    if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+        raise ExportError(f"the folded weights do not fit {type(encoder).__name__}: {missing[:3]} {unexpected[:3]}")
+    raw = folder / ".encoder"
+    encoder.eval().save_pretrained(raw)
+    backbone.tokenizer.save_pretrained(raw)
+    max_length = delta.meta.max_length or backbone.max_length
+    transformer = models.Transformer(str(raw), max_seq_length=max_length)
+    modules: list[nn.Module] = [transformer, models.Pooling(backbone.hidden_size, pooling_mode=delta.meta.pooling)]
+    head = delta.head
+    if head.projection_weight is not None and head.projection_bias is not None:
+        out_size = head.projection_weight.shape[0]
+        dense = models.Dense(backbone.hidden_size, out_size, bias=True, activation_function=nn.Identity())
+        with torch.no_grad():
+            dense.linear.weight.copy_(head.projection_weight.float())
+            dense.linear.bias.copy_(head.projection_bias.float())
+        modules.append(dense)
+    if delta.meta.normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    shutil.rmtree(raw)
+
+
 def export_delta(delta: TaskDelta, backbone: Backbone, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write the folder (model, config with id2label, tokenizer); all or nothing."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
-    model = folded_model(delta, backbone)
+    check_exportable(delta, backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer = backbone.tokenizer
-        saved_max = tokenizer.model_max_length
-        tokenizer.model_max_length = delta.meta.max_length or backbone.max_length  # the server's truncation
-        try:
-            tokenizer.save_pretrained(staging)
-        finally:
-            tokenizer.model_max_length = saved_max
+        if delta.meta.is_embedding:
+            _save_sentence_transformer(delta, backbone, staging)
+        else:
+            folded_model(delta, backbone).save_pretrained(staging)
+            tokenizer = backbone.tokenizer
+            saved_max = tokenizer.model_max_length
+            tokenizer.model_max_length = delta.meta.max_length or backbone.max_length  # the server's truncation
+            try:
+                tokenizer.save_pretrained(staging)
+            finally:
+                tokenizer.model_max_length = saved_max
         (staging / "deltaserve.json").write_text(json.dumps({
             "exported_from": "deltaserve", "method": delta.meta.method, "task_type": delta.meta.task_type,
             "backbone_fingerprint": delta.meta.backbone_fingerprint, "word_piece": delta.meta.word_piece,
