@@ -10,7 +10,8 @@ size and its dense effect on a weight (through `adapters_store.formula`, the one
 formula). Parts that live on a linear module (keep mask, low rank, sparse) are registered
 once with `register_module_part`: the key suffixes the parser accepts, the grouping of a
 delta by module and the byte counts all derive from that registry, so a new part is one
-class here plus its prepared classes in `server/parts/` (one per backend). How a part is
+class here plus its prepared classes in `server/parts/` (one per backend) and its trainable class
+in `training/parts.py`. How a part is
 *applied* to a mixed batch lives there.
 """
 
