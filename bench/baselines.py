@@ -9,7 +9,9 @@
 - `PeftMixed`    — Hugging Face PEFT's mixed-adapter batch (`adapter_names=` per row) with the same
                    LoRA deltas loaded as PEFT LoRA adapters (lora_alpha = r, so scale 1).
 
-Effective weights come from the one dense formula (`adapters_store.formula.effective_weight`);
+Effective weights are the parsed delta's `TaskDelta.dense_weight` (the registered parts' dense effects,
+through the one formula `adapters_store.formula.effective_weight`), so the baselines never read a
+backend's prepared parts;
 PASTA slots and the layer-input hooks from `Backbone` (the same code the trainer uses).
 
 All three take the same `PreparedDelta`s and pre-tokenised texts as the engine and return logits
@@ -26,7 +28,7 @@ from torch import nn
 
 from adapters_store.formula import effective_weight
 from server.backbone import Backbone, EncodedText
-from server.delta import ModuleParts, PreparedDelta
+from server.delta import PreparedDelta
 
 Task = tuple[PreparedDelta, EncodedText]
 
@@ -53,24 +55,18 @@ def _plain_linear(module: nn.Module) -> nn.Linear:
     return plain
 
 
-def apply_parts_(weight: torch.Tensor, parts: ModuleParts) -> None:
-    """weight ← weight ⊙ K + B·A + S, pruned heads' input columns zeroed, in place (the one formula)."""
-    keep = None
-    if parts.keep is not None:
-        keep = torch.empty_like(weight)
-        parts.keep.materialise_into(torch.ones_like(weight), keep)  # K itself, as 0/1
-    input_keep = None
-    if parts.head_keep is not None and parts.head_keep.columns.numel():
-        input_keep = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
-        input_keep[parts.head_keep.columns] = 0.0
-    low_rank, sparse = parts.low_rank, parts.sparse
-    weight.copy_(effective_weight(
-        weight, keep=keep,
-        lora_A=low_rank.A if low_rank is not None else None, lora_B=low_rank.B if low_rank is not None else None,
-        sparse_index=sparse.flat_index if sparse is not None else None,
-        sparse_value=sparse.values if sparse is not None else None,
-        input_keep=input_keep,
-    ))
+def apply_delta_(weight: torch.Tensor, delta: PreparedDelta, module: str, backbone: Backbone) -> None:
+    """weight ← W ⊙ K + B·A + S of `module` (`TaskDelta.dense_weight`, the registered parts' dense effects),
+    then pruned heads' input columns zeroed, in place. Needs the delta prepared with `keep_source=True`."""
+    source = delta.source
+    if source is None:
+        raise ValueError(f"{delta.name}: the baselines need the parsed delta (prepare with keep_source=True)")
+    dense = source.dense_weight(module, weight)
+    for layer, head_keep in source.head_keep.items():
+        if backbone.attention_output_modules[layer] == module:
+            columns = head_keep.keep.to(device=weight.device, dtype=weight.dtype)
+            dense = effective_weight(dense, input_keep=columns.repeat_interleave(backbone.head_dim))
+    weight.copy_(dense)
 
 
 def group_by_task(rows: Sequence[Task]) -> list[tuple[PreparedDelta, list[int]]]:
@@ -123,8 +119,8 @@ class TaskCopies:
                 continue
             model = plain_copy(pristine)
             with torch.no_grad():
-                for name, parts in delta.modules.items():
-                    apply_parts_(model.get_submodule(name).weight, parts)
+                for name in delta.modules:
+                    apply_delta_(model.get_submodule(name).weight, delta, name, backbone)
             hooks = _PastaHooks(backbone, list(model.get_submodule(backbone.layout.layers)))
             self.models[id(delta)] = (model, hooks)
 
@@ -161,8 +157,8 @@ class NaiveSwapper:
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         for delta, indices in group_by_task(rows):
             weights = {name: self.model.get_submodule(name).weight for name in delta.modules}
-            for name, parts in delta.modules.items():
-                apply_parts_(weights[name], parts)
+            for name in delta.modules:
+                apply_delta_(weights[name], delta, name, self.backbone)
             try:
                 texts = [rows[i][1] for i in indices]
                 kwargs = self.backbone.pad(texts)

@@ -107,7 +107,7 @@ def run(model_path: str | None, model_label: str, ks: list[int], methods: list[s
             point = GpuPoint(model_label, method, k)
             point.device_bytes_per_task = (_allocated(device) - before) / k
             point.bytes_per_task = sum(d.nbytes for d in deltas) / k
-            slow = [prepare(d, segmented_backbone, f"{method}-{i}", 1) for i, d in enumerate(deltas)]
+            slow = [prepare(d, segmented_backbone, f"{method}-{i}", 1, keep_source=True) for i, d in enumerate(deltas)]
             rows = [Row(fast[i % k], t) for i, t in enumerate(texts)]
             slow_rows = [Row(slow[i % k], t) for i, t in enumerate(texts)]
             pairs = [(slow[i % k], t) for i, t in enumerate(texts)]

@@ -95,7 +95,8 @@ class Workbench:
         if key not in self._prepared:
             plain, i = key
             data = self.delta_bytes(plain)[i % self.distinct]
-            self._prepared[key] = prepare_delta(data, self.backbone, f"{plain}-{i}", 1)
+            # keep_source: the baselines build their dense weights from the parsed delta
+            self._prepared[key] = prepare_delta(data, self.backbone, f"{plain}-{i}", 1, keep_source=True)
         return self._prepared[key]
 
     def copies_for(self, method: str, tasks: int, cap: int) -> tuple[TaskCopies, int]:

@@ -37,6 +37,9 @@ class PreparedDelta:
     pasta: PreparedPasta | None = None
     load_seconds: float = 0.0
     backend: str = "cpu"
+    # The parsed delta, kept only when asked (`keep_source`): the benchmark's baselines build dense weights
+    # from it (`TaskDelta.dense_weight`); the server never keeps it.
+    source: TaskDelta | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -53,7 +56,8 @@ class PreparedDelta:
         return total + sum(parts.nbytes for parts in self.modules.values())
 
 
-def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int, backend: str | None = None) -> PreparedDelta:
+def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int, backend: str | None = None,
+            *, keep_source: bool = False) -> PreparedDelta:
     """Move an already validated delta to the backbone's device in `backend`'s serving form.
 
     Driven by the parts registry alone: every module part is prepared by the class registered
@@ -80,17 +84,19 @@ def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int, backe
         modules=modules,
         pasta=PreparedPasta(delta.pasta, backbone.device, backbone.dtype) if delta.pasta is not None else None,
         backend=backend,
+        source=delta if keep_source else None,
     )
     prepared.load_seconds = time.perf_counter() - started
     return prepared
 
 
 def prepare_delta(
-    data: bytes, backbone: Backbone, name: str, version: int = 1, backend: str | None = None
+    data: bytes, backbone: Backbone, name: str, version: int = 1, backend: str | None = None,
+    *, keep_source: bool = False,
 ) -> PreparedDelta:
     """Bytes of a delta file -> validated, device-ready delta. Raises InvalidDelta/BackboneMismatch."""
     started = time.perf_counter()
-    prepared = prepare(parse_delta(data, backbone.spec()), backbone, name, version, backend)
+    prepared = prepare(parse_delta(data, backbone.spec()), backbone, name, version, backend, keep_source=keep_source)
     prepared.load_seconds = time.perf_counter() - started
     return prepared
 
