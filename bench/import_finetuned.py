@@ -28,19 +28,18 @@ from server.backbone import Backbone, packaged_model_path
 from training.data import read_examples
 from training.finetuned_import import engine_logits, import_finetuned, transformers_logits
 
-DATA = Path("data")  # --data: the folder holding sst2/train.tsv and sst2/dev.tsv (GLUE's files)
 
-
-def _sst2(split: str) -> list[tuple[str, int]]:
-    return [(e.text, int(e.label)) for e in read_examples(DATA / "sst2" / f"{split}.tsv",  # type: ignore[misc]
+def _sst2(data: Path, split: str) -> list[tuple[str, int]]:
+    """SST-2's `split` from `data`/sst2/ (GLUE's TSV: sentence, label)."""
+    return [(e.text, int(e.label)) for e in read_examples(data / "sst2" / f"{split}.tsv",  # type: ignore[misc]
                                                            "sequence-classification")]
 
 
-def finetune(out_dir: Path, train_rows: int, epochs: int, seed: int, lr: float) -> None:
+def finetune(data: Path, out_dir: Path, train_rows: int, epochs: int, seed: int, lr: float) -> None:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    rows = _sst2("train")
+    rows = _sst2(data, "train")
     random.Random(seed).shuffle(rows)
     train = rows[:train_rows]
     source = packaged_model_path()
@@ -77,11 +76,11 @@ def _accuracy(logits: list[torch.Tensor], labels: list[int]) -> float:
     return sum(int(row.argmax()) == y for row, y in zip(logits, labels, strict=True)) / len(labels)
 
 
-def measure(out_dir: Path, budgets: list[int], json_path: Path) -> None:
+def measure(data: Path, out_dir: Path, budgets: list[int], json_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     checkpoint = out_dir / "sst2-finetuned"
-    dev = _sst2("dev")
+    dev = _sst2(data, "dev")
     calibration = [line for line in (out_dir / "calibration.txt").read_text().splitlines() if line.strip()]
     backbone = Backbone.load(device="cpu")
     texts = backbone.encode([t for t, _ in dev])
@@ -154,14 +153,14 @@ def main() -> None:
                         help="comma-separated --budget-bytes (default: 1/10, 1/16, 1/30, 1/60 of MiniLM's 90.85 MB)")
     parser.add_argument("--delta", type=Path, default=Path("demo/conll-ner.safetensors"))
     parser.add_argument("--json", type=Path, required=False)
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with sst2/train.tsv and sst2/dev.tsv")
+    parser.add_argument("--data", type=Path, default=Path("data"), help="folder with sst2/train.tsv and dev.tsv")
     args = parser.parse_args()
-    globals()["DATA"] = args.data
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.step == "finetune":
-        finetune(args.out_dir, args.train_rows, args.epochs, args.seed, args.lr)
+        finetune(args.data, args.out_dir, args.train_rows, args.epochs, args.seed, args.lr)
     elif args.step == "measure":
-        measure(args.out_dir, [int(b) for b in args.budgets.split(",")], args.json or Path("results/import/sst2.json"))
+        budgets = [int(b) for b in args.budgets.split(",")]
+        measure(args.data, args.out_dir, budgets, args.json or Path("results/import/sst2.json"))
     else:
         merged_lora(args.delta, args.json or Path("results/import/merged-lora.json"), args.out_dir)
 
