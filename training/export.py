@@ -96,7 +96,6 @@ def folded_model(delta: TaskDelta, backbone: Backbone) -> nn.Module:
     config.label2id = {label: i for i, label in enumerate(meta.labels)}
     config.problem_type = "regression" if regression else "single_label_classification"
     config.architectures = [_model_class(backbone.model_type, meta.task_type).__name__]
-    config.torch_dtype = "float32"
     model = _model_class(backbone.model_type, meta.task_type)(config).float().eval()
     base = model.base_model
     state = folded_state(delta, backbone)
