@@ -110,12 +110,16 @@ def test_triton_backend_plans_one_entry_per_segment(tokenizer):
 
 
 def test_triton_prepared_delta_costs_its_delta_bytes(tokenizer):
+    from server.backends import triton_ops
+
     model = make_tiny_model("bert")
     backbone = Backbone(model, tokenizer, "tiny", device="cpu", backend="triton")
     delta = make_delta(backbone, ("keep", "low_rank", "pasta"), seed=3, zero_fraction=0.2)
     prepared = prepare(delta, backbone, "t", 1)
     assert prepared.backend == "triton"
-    assert prepared.nbytes == delta.nbytes  # packed masks stay packed, nothing is widened
+    # Packed masks stay packed, nothing is widened: only each mask's padding for the GEMM's byte runs.
+    masks = sum(parts.keep is not None for parts in prepared.modules.values())
+    assert masks and prepared.nbytes == delta.nbytes + masks * triton_ops.MASK_PAD_BYTES
 
 
 def test_engine_refuses_a_delta_prepared_for_another_backend(tokenizer):

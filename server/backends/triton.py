@@ -2,64 +2,169 @@
 
 Built for a GPU, where the CPU backend's per-segment loop would be launch-bound (16 tasks ×
 37 modules × several ops is thousands of launches per batch) and would rebuild a full weight
-per masked task. Here, per batch:
+per masked task.
 
-- one *plan* is built on the host and copied to the device once (`_Arena`): the segments
-  (token rows and sequence rows, cut into row tiles that never straddle two tasks, see
-  `triton_ops.SegmentPlan`) and, per module, pointer tables to each task's prepared parts;
-- per linear module, the keep masks (read packed, unpacked in registers), the low-rank
-  expand and the sparse part run in ONE `masked_linear` launch, plus one `lora_shrink` launch
-  when a task has a low-rank part there; a module where no task has a keep mask runs the plain
-  cuBLAS GEMM instead and adds its low-rank / sparse parts in one grouped launch each (cuBLAS
-  is the better GEMM when no bit needs unpacking; the issue asks for whichever measures faster,
-  and `bench/gpu_kernels.py` measures both on a GPU);
-- head keep is one per-row multiply of the attention context by its task's head mask;
-- PASTA is the engine's, for the whole batch; the task heads are grouped: every classifier of
-  the batch in one GEMM and one gather (tasks with their own pooler or mean pooling get their
-  classifier input per segment; embedding tasks are pooled and projected per segment).
+**Per task, once** (`TaskTables`): a resident task gets a *slot* in device tables the first
+time a batch uses it after it was loaded, and gives it back when it is evicted (when the cache
+drops its last reference). Its column holds, for every linear module, what each of its parts'
+Triton classes puts there (`table_fields` / `table_entries`: pointers to the packed mask, to A and
+B, to the sorted sparse support, ranks and entry counts; 0 = none), its head keep per layer,
+and host copies of the counts (which modules need which kernel).
 
-The kernels (`triton_ops.py`) accumulate in fp32 whatever the backbone's dtype; the engine's
-tolerance against the fp32 reference is stated in docs/gpu.md.
+**Per batch** (`plan`): host work in O(segments + row tiles), not O(tasks × modules): the row
+tiles and each segment's slot go to the device in ONE copy, non-blocking from pinned memory
+(it does not wait for the forward in flight); two gathers then give every module's per-segment
+tables at once (`tables[:, :, slot of each segment]`), and one gather every layer's head keep
+per row. Which modules need a masked GEMM, a low-rank or a sparse part, and the largest rank,
+come from the host copies in one vectorised step over the batch's slots.
+
+**Per module** (`TritonLinear`): the keep masks (read packed, unpacked in registers), the
+low-rank expand and the sparse part run in ONE `masked_linear` launch, plus one `lora_shrink`
+launch when a task has a low-rank part there; a module where no task has a keep mask runs the
+plain cuBLAS GEMM instead and adds its low-rank / sparse parts in one grouped launch each; head
+keep is one per-row multiply of the attention context. PASTA is the engine's, for the whole
+batch; the task heads are grouped: every classifier of the batch in one GEMM and one gather
+(tasks with their own pooler or mean pooling get their classifier input per segment; embedding
+tasks are pooled and projected per segment).
+
+The kernels (`triton_ops.py`) accumulate in fp32 whatever the backbone's dtype; docs/gpu.md
+states the engine's tolerance against the fp32 reference.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from server.backends import Backend, BackendLinear, Segment
 from server.backends import triton_ops as ops
-from server.parts import HEAD_KEEP, ModuleParts
+from server.parts import BACKENDS, HEAD_KEEP, prepared_class
 from server.pooling import row_mask
 
+# Fields of the per-task device tables: every Triton part class declares its own (`table_fields`).
+_PART_KINDS = ("keep", "low_rank", "sparse")
 
-class _Arena:
-    """Collects the batch plan's integer tables on the host; one copy per dtype to the device."""
 
-    def __init__(self) -> None:
-        self._values: dict[torch.dtype, list[int]] = {torch.int64: [], torch.int32: []}
-        self._slices: list[tuple[torch.dtype, int, int]] = []
-        self._device_tables: dict[torch.dtype, torch.Tensor] = {}
+def _table_fields() -> dict[str, torch.dtype]:
+    assert "triton" in BACKENDS
+    fields: dict[str, torch.dtype] = {}
+    for kind in _PART_KINDS:
+        fields.update(prepared_class("triton", kind).table_fields)
+    return fields
 
-    def add(self, values: Sequence[int], dtype: torch.dtype) -> int:
-        store = self._values[dtype]
-        self._slices.append((dtype, len(store), len(values)))
-        store.extend(values)
-        return len(self._slices) - 1
 
-    def upload(self, device: torch.device) -> None:
-        self._device_tables = {
-            dtype: torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-            for dtype, values in self._values.items() if values
-        }
+class TaskTables:
+    """Slots of the resident tasks in device tables, filled once per task, gathered once per batch.
 
-    def __getitem__(self, handle: int) -> torch.Tensor:
-        dtype, start, length = self._slices[handle]
-        return self._device_tables[dtype][start:start + length]
+    `pointers[f, m, slot]` (int64) and `counts[f, m, slot]` (int32) hold field f of module m for
+    the task in `slot`; `head_keep[layer, slot]` its 0/1 keep per head (ones without head keep).
+    Host mirrors of the counts and of which modules each slot masks decide the kernels per batch.
+    Capacity doubles when full (the old tables stay alive for a plan that still uses them).
+    """
+
+    def __init__(self, module_names: Sequence[str], attention_outputs: Sequence[str], num_heads: int,
+                 device: torch.device, dtype: torch.dtype, capacity: int = 16) -> None:
+        fields = _table_fields()
+        self.pointer_fields = [name for name, kind in fields.items() if kind == torch.int64]
+        self.count_fields = [name for name, kind in fields.items() if kind == torch.int32]
+        self.modules = {name: index for index, name in enumerate(module_names)}
+        self.layers = {name: layer for layer, name in enumerate(attention_outputs)}
+        self.num_heads = num_heads
+        self.device, self.dtype = device, dtype
+        self.capacity = 0
+        num_modules = len(self.modules)
+        self.pointers = torch.zeros((len(self.pointer_fields), num_modules, 0), dtype=torch.int64, device=device)
+        self.counts = torch.zeros((len(self.count_fields), num_modules, 0), dtype=torch.int32, device=device)
+        self.head_keep = torch.ones((len(self.layers), 0, num_heads), dtype=dtype, device=device)
+        self.host_counts = np.zeros((0, len(self.count_fields), num_modules), dtype=np.int64)
+        self.host_masked = np.zeros((0, num_modules), dtype=bool)
+        self.host_head_keep = np.zeros((0, len(self.layers)), dtype=bool)
+        self._slots: dict[int, int] = {}  # id(prepared delta) -> slot
+        self._free: list[int] = []
+        # Re-entrant: a delta collected while the lock is held (an allocation runs the GC) frees its slot.
+        self._lock = threading.RLock()
+        self._grow(capacity)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def slot(self, delta: Any) -> int:
+        """The task's slot, assigned and filled the first time it is asked for."""
+        key = id(delta)
+        with self._lock:
+            found = self._slots.get(key)
+            if found is not None:
+                return found
+            if not self._free:
+                self._grow(self.capacity * 2)
+            slot = self._free.pop()
+            self._fill(slot, delta)
+            self._slots[key] = slot
+        # Evicted = no longer referenced (the cache dropped it and no batch holds it): free the slot.
+        weakref.finalize(delta, self._release, key)
+        return slot
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def _grow(self, capacity: int) -> None:
+        capacity = max(16, -(-capacity // 16) * 16)
+        extra = capacity - self.capacity
+
+        def widen(table: torch.Tensor, dim: int, fill: float) -> torch.Tensor:
+            shape = list(table.shape)
+            shape[dim] = extra
+            return torch.cat([table, torch.full(shape, fill, dtype=table.dtype, device=table.device)], dim=dim)
+
+        self.pointers = widen(self.pointers, 2, 0)
+        self.counts = widen(self.counts, 2, 0)
+        self.head_keep = widen(self.head_keep, 1, 1)
+        self.host_counts = np.concatenate([self.host_counts, np.zeros((extra, *self.host_counts.shape[1:]), np.int64)])
+        self.host_masked = np.concatenate([self.host_masked, np.zeros((extra, self.host_masked.shape[1]), bool)])
+        self.host_head_keep = np.concatenate(
+            [self.host_head_keep, np.zeros((extra, self.host_head_keep.shape[1]), bool)])
+        self._free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self.capacity = capacity
+
+    def _fill(self, slot: int, delta: Any) -> None:
+        """Write the task's column: one host-to-device copy per table."""
+        pointers = np.zeros((len(self.pointer_fields), len(self.modules)), dtype=np.int64)
+        counts = np.zeros((len(self.count_fields), len(self.modules)), dtype=np.int64)
+        masked = np.zeros(len(self.modules), dtype=bool)
+        head_keep = torch.ones((len(self.layers), self.num_heads), dtype=self.dtype)
+        has_head_keep = np.zeros(len(self.layers), dtype=bool)
+        for name, parts in delta.modules.items():
+            module = self.modules[name]
+            for kind in _PART_KINDS:
+                part = parts.get(kind)
+                if part is None:
+                    continue
+                for field, value in part.table_entries().items():
+                    if field in self.pointer_fields:
+                        pointers[self.pointer_fields.index(field), module] = value
+                    else:
+                        counts[self.count_fields.index(field), module] = value
+            masked[module] = parts.replacing is not None
+            if (keep := parts.get(HEAD_KEEP)) is not None:
+                layer = self.layers[name]
+                head_keep[layer] = keep.keep.cpu()
+                has_head_keep[layer] = True
+        self.pointers[:, :, slot] = torch.from_numpy(pointers).to(self.device)
+        self.counts[:, :, slot] = torch.from_numpy(counts.astype(np.int32)).to(self.device)
+        self.head_keep[:, slot] = head_keep.to(self.device)
+        self.host_counts[slot] = counts
+        self.host_masked[slot] = masked
+        self.host_head_keep[slot] = has_head_keep
 
 
 @dataclass
@@ -114,79 +219,70 @@ class TritonBackend(Backend):
     def __init__(self, backbone: Any) -> None:
         super().__init__(backbone)
         self.install()
+        self.tables = TaskTables(list(backbone.linear_modules), backbone.attention_output_modules,
+                                 backbone.num_heads, backbone.device, backbone.dtype)
 
     def plan(self, segments: Sequence[Segment], seq_len: int) -> dict[str, TritonModulePlan]:
+        if not segments:
+            return {}
+        tables = self.tables
         device = self.backbone.device
+        slots = [tables.slot(delta) for _, _, delta in segments]
         starts = [start for start, _, _ in segments]
         ends = [end for _, end, _ in segments]
-        token_plan = ops.SegmentPlan.build([s * seq_len for s in starts], [e * seq_len for e in ends], device)
-        sequence_plan = ops.SegmentPlan.build(starts, ends, device)
-        arena = _Arena()
-        # module -> [(segment index, its parts there)], modules in backbone order
-        touched: dict[str, list[tuple[int, ModuleParts]]] = {}
-        for index, (_, _, delta) in enumerate(segments):
-            for name, parts in delta.modules.items():
-                touched.setdefault(name, []).append((index, parts))
-        pending: dict[str, dict[str, Any]] = {}
-        for name, entries in touched.items():
-            pending[name] = self._plan_module(entries, len(segments), arena)
-        arena.upload(device)
+        num_segments = len(segments)
+        # The batch's one upload: both row-tile plans, each segment's slot, each sequence row's slot.
+        token_host = ops.SegmentPlan.host_tables([s * seq_len for s in starts], [e * seq_len for e in ends])
+        sequence_host = ops.SegmentPlan.host_tables(starts, ends)
+        padded_slots = slots + [slots[0]] * (ops.aligned_length(num_segments, torch.int32) - num_segments)
+        row_slots = [slot for slot, start, end in zip(slots, starts, ends, strict=True) for _ in range(start, end)]
+        uploaded = ops.upload_int_tables([*token_host.tables, *sequence_host.tables, padded_slots, row_slots],
+                                         torch.int32, device, pin=True)
+        token_plan = token_host.on_device(uploaded[0:4])
+        sequence_plan = sequence_host.on_device(uploaded[4:8])
+        segment_slots, row_slot = uploaded[8], uploaded[9]
+
+        # Which modules need what, from the host mirrors: one vectorised step over the batch's slots.
+        counts = tables.host_counts[slots]  # [S, fields, modules]
+        max_counts = counts.max(axis=0)  # [fields, modules]
+        masked = tables.host_masked[slots].any(axis=0)
+        head_keep_layers = tables.host_head_keep[slots].any(axis=0)
+        rank_field = tables.count_fields.index("ranks")
+        nnz_field = tables.count_fields.index("nnz")
+        touched = masked | (max_counts > 0).any(axis=0)
+        if not touched.any() and not head_keep_layers.any():
+            return {}
+
+        # Every module's per-segment tables in two gathers; views [f, m, :S] start 16-byte aligned.
+        pointers = tables.pointers.index_select(2, segment_slots)  # [fields, modules, S_pad]
+        table_counts = tables.counts.index_select(2, segment_slots)
+        field = {name: i for i, name in enumerate(tables.pointer_fields)}
+        head_rows = None
+        if head_keep_layers.any():  # [layers, N, 1, d]: each sequence row's task's head keep, per layer
+            head_rows = tables.head_keep.index_select(1, row_slot).repeat_interleave(
+                self.backbone.head_dim, dim=2).unsqueeze(2)
+
         plans: dict[str, TritonModulePlan] = {}
-        for name, fields in pending.items():
+        names = list(tables.modules)
+        for module in np.flatnonzero(touched).tolist():
             plan = TritonModulePlan(token_plan, sequence_plan)
-            for key in ("mask_ptrs", "lora_a", "lora_b", "ranks"):
-                if key in fields:
-                    setattr(plan, key, arena[fields[key]])
-            plan.max_rank = fields.get("max_rank", 0)
-            if "sparse" in fields:
-                index_ptrs, value_ptrs, nnz = (arena[h] for h in fields["sparse"])
-                plan.sparse = ops.SparseArgs(index_ptrs, value_ptrs, nnz)
-            if "head_keep" in fields:
-                plan.head_keep = self._head_keep_rows(fields["head_keep"], segments)
-            plans[name] = plan
+            if masked[module]:
+                plan.mask_ptrs = pointers[field["mask_ptrs"], module, :num_segments]
+            if max_counts[rank_field, module]:
+                plan.lora_a = pointers[field["lora_a"], module, :num_segments]
+                plan.lora_b = pointers[field["lora_b"], module, :num_segments]
+                plan.ranks = table_counts[rank_field, module, :num_segments]
+                plan.max_rank = int(max_counts[rank_field, module])
+            if max_counts[nnz_field, module]:
+                plan.sparse = ops.SparseArgs(pointers[field["index_ptrs"], module, :num_segments],
+                                             pointers[field["value_ptrs"], module, :num_segments],
+                                             table_counts[nnz_field, module, :num_segments])
+            plans[names[module]] = plan
+        if head_rows is not None:
+            for name, layer in tables.layers.items():
+                if head_keep_layers[layer]:
+                    plans.setdefault(name, TritonModulePlan(token_plan, sequence_plan)).head_keep = head_rows[layer]
         return plans
-
-    def _plan_module(self, entries: list[tuple[int, ModuleParts]], num_segments: int, arena: _Arena) -> dict:
-        """Pointer tables of one module's parts, by segment (0 / rank 0 / nnz 0 = none)."""
-        fields: dict[str, Any] = {}
-        masks = [0] * num_segments
-        a_ptrs, b_ptrs, ranks = [0] * num_segments, [0] * num_segments, [0] * num_segments
-        index_ptrs, value_ptrs, nnz = [0] * num_segments, [0] * num_segments, [0] * num_segments
-        head_keeps: list[tuple[int, Any]] = []
-        for index, parts in entries:
-            if (keep := parts.keep) is not None:
-                masks[index] = keep.packed.data_ptr()
-            if (low_rank := parts.low_rank) is not None:
-                a_ptrs[index], b_ptrs[index], ranks[index] = low_rank.A.data_ptr(), low_rank.B.data_ptr(), low_rank.rank
-            if (sparse := parts.sparse) is not None:
-                index_ptrs[index], value_ptrs[index] = sparse.index.data_ptr(), sparse.values.data_ptr()
-                nnz[index] = sparse.index.numel()
-            if (head_keep := parts.get(HEAD_KEEP)) is not None:
-                head_keeps.append((index, head_keep))
-        if any(masks):
-            fields["mask_ptrs"] = arena.add(masks, torch.int64)
-        if any(ranks):
-            fields["lora_a"] = arena.add(a_ptrs, torch.int64)
-            fields["lora_b"] = arena.add(b_ptrs, torch.int64)
-            fields["ranks"] = arena.add(ranks, torch.int32)
-            fields["max_rank"] = max(ranks)
-        if any(nnz):
-            fields["sparse"] = (arena.add(index_ptrs, torch.int64), arena.add(value_ptrs, torch.int64),
-                                arena.add(nnz, torch.int32))
-        if head_keeps:
-            fields["head_keep"] = head_keeps
-        return fields
-
-    def _head_keep_rows(self, head_keeps: list[tuple[int, Any]], segments: Sequence[Segment]) -> torch.Tensor:
-        """[N, 1, d]: per sequence row, its task's keep of each head repeated over the head's columns."""
-        backbone = self.backbone
-        table = torch.stack([torch.ones_like(head_keeps[0][1].keep), *(part.keep for _, part in head_keeps)])
-        entry = [0] * (segments[-1][1] if segments else 0)
-        for position, (index, _) in enumerate(head_keeps, start=1):
-            start, end, _ = segments[index]
-            entry[start:end] = [position] * (end - start)
-        rows = table[torch.tensor(entry, device=table.device)]  # [N, heads]
-        return rows.repeat_interleave(backbone.head_dim, dim=1).unsqueeze(1)
 
     def classify(
         self, hidden: torch.Tensor, pooled: torch.Tensor | None, segments: Sequence[Segment], lengths: Sequence[int]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -125,11 +126,23 @@ class PackedKeepMask:
     """
 
     role = "replace"
+    # Its entry in the backend's per-task device tables (see `server/backends/triton.py`).
+    table_fields: ClassVar[dict[str, torch.dtype]] = {"mask_ptrs": torch.int64}
 
     def __init__(self, part: KeepMask, context: PrepareContext) -> None:
+        from server.backends.triton_ops import MASK_PAD_BYTES
+
         self.shape = part.shape
-        self.packed = part.packed.to(context.device).contiguous()
+        # A fresh, 16-byte aligned buffer with MASK_PAD_BYTES zeros after the bits: the masked GEMM
+        # loads whole byte runs of a tile, the last ones past the bits (see `triton_ops._mask_bytes`).
+        packed = part.packed.reshape(-1)
+        self.padded = torch.zeros(packed.numel() + MASK_PAD_BYTES, dtype=torch.uint8, device=context.device)
+        self.padded[: packed.numel()] = packed.to(context.device)
+        self.packed = self.padded[: packed.numel()]
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel()
+        return self.padded.numel()
+
+    def table_entries(self) -> dict[str, int]:
+        return {"mask_ptrs": self.packed.data_ptr()}

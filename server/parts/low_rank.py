@@ -9,6 +9,8 @@ instead (`addmm_` on the scratch buffer), which is cheaper than a correction the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adapters_store.format import LowRank
@@ -20,6 +22,9 @@ class PreparedLowRank:
     """A, B on the device in the backbone's dtype, contiguous (the Triton kernels read them by pointer)."""
 
     role = "correct"
+    # Its entries in the Triton backend's per-task device tables (see `server/backends/triton.py`).
+    table_fields: ClassVar[dict[str, torch.dtype]] = {"lora_a": torch.int64, "lora_b": torch.int64,
+                                                      "ranks": torch.int32}
 
     def __init__(self, part: LowRank, context: PrepareContext) -> None:
         device, dtype = context.device, context.dtype
@@ -42,3 +47,7 @@ class PreparedLowRank:
 
     def add_to_weight(self, weight: torch.Tensor) -> None:
         weight.addmm_(self.B, self.A)
+
+    def table_entries(self) -> dict[str, int]:
+        """Its entries in the Triton backend's per-task device tables (see `server/backends/triton.py`)."""
+        return {"lora_a": self.A.data_ptr(), "lora_b": self.B.data_ptr(), "ranks": self.rank}

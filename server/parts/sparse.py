@@ -8,6 +8,8 @@ task also has a keep mask on the module.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adapters_store.format import SparseUpdate
@@ -50,6 +52,8 @@ class SortedSparse:
     """
 
     role = "correct"
+    table_fields: ClassVar[dict[str, torch.dtype]] = {"index_ptrs": torch.int64, "value_ptrs": torch.int64,
+                                                      "nnz": torch.int32}
 
     def __init__(self, part: SparseUpdate, context: PrepareContext) -> None:
         order = torch.argsort(part.index)
@@ -59,3 +63,6 @@ class SortedSparse:
     @property
     def nbytes(self) -> int:
         return self.index.numel() * 8 + self.values.numel() * self.values.element_size()
+
+    def table_entries(self) -> dict[str, int]:
+        return {"index_ptrs": self.index.data_ptr(), "value_ptrs": self.values.data_ptr(), "nnz": self.index.numel()}
