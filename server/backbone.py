@@ -357,8 +357,11 @@ class Backbone:
         return count, [end for _, end in encoding.offsets]
 
     def pad(self, texts: Sequence[Tokenised]) -> dict[str, torch.Tensor]:
-        """`pad_batch` on this backbone's padding id, moved to its device."""
-        return {k: v.to(self.device) for k, v in pad_batch(texts, self.pad_id).items()}
+        """`pad_batch` on this backbone's padding id, moved to its device (non-blocking from pinned memory
+        on CUDA, so that preparing the next batch does not wait for the forward in flight)."""
+        from server.backends.uploads import to_device
+
+        return {k: to_device(v, self.device) for k, v in pad_batch(texts, self.pad_id).items()}
 
     def special_slots(self, texts: Sequence[Marked]) -> torch.Tensor:
         """For texts padded into one batch, the PASTA slot of each special token (-1 elsewhere), on the device.

@@ -72,7 +72,13 @@ class Engine:
         self.backend: Backend = create_backend(backend or backbone.backend, backbone)
         self._lock = threading.Lock()
         self._pasta: PastaBatch | None = None
-        backbone.add_layer_input_hooks(backbone.layers, self._add_pasta)
+        self._hooks = backbone.add_layer_input_hooks(backbone.layers, self._add_pasta)
+
+    def detach(self) -> None:
+        """Remove this engine's PASTA hooks from the backbone (an engine given up for another one)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     @property
     def mixed(self) -> dict[str, nn.Module]:
@@ -100,10 +106,8 @@ class Engine:
             return Planned(0, None, {}, None)
         batch = self._collate(rows)
         plans = self.backend.plan(batch.segments, batch.input_ids.shape[1])
-        pasta = PastaBatch.build(
-            self.backbone.special_slots([rows[i].text for i in batch.order]),
-            [(s, e, d.pasta) for s, e, d in batch.segments],
-        )
+        pasta = PastaBatch.build([rows[i].text.special_tokens_mask for i in batch.order],
+                                 [(s, e, d.pasta) for s, e, d in batch.segments], self.backbone.device)
         return Planned(len(rows), batch, plans, pasta)
 
     @torch.inference_mode()

@@ -31,10 +31,12 @@ from adapters_store.store import (
 )
 from server.audit import AuditLog
 from server.backbone import Backbone, check_text
+from server.backends.choice import start_engine
+from server.backends.selfcheck import BackendChoice
 from server.batching import Answer, Batcher, BatchRunner, Job, PipelineBatcher, TextInput, Tokenizer
 from server.cache import DeltaCache
 from server.delta import prepare_delta
-from server.engine import Engine, Row
+from server.engine import Row
 from server.extras import check_settings, package_version
 from server.metrics import Metrics
 from server.postprocess import UnsupportedInput
@@ -93,6 +95,7 @@ class Server:
     audit: AuditLog = field(default_factory=lambda: AuditLog(None))
     replica: str | None = None  # set by a Ray Serve replica (server/ray_app.py): /memory names it
     draining: bool = False  # a stop was asked for: new work is refused with 503, readiness is down
+    backend: BackendChoice | None = None  # which engine backend serves, and why (/health, /memory)
 
     @classmethod
     def build(cls, settings: Settings, backbone: Backbone | None = None) -> Server:
@@ -114,6 +117,7 @@ class Server:
         store.on_change(lambda names: [cache.discard_task(name) for name in names])
         metrics = Metrics()
         metrics.watch_cache(cache.stats)
+        engine, backend = start_engine(backbone, settings.backend)  # on CUDA: Triton checked, or the torch path
         metrics.build_info.labels(package_version(), platform.python_version(), torch.__version__, backbone.backend,
                                   backbone.device.type, str(backbone.dtype).removeprefix("torch.")).set(1)
         tokenizer = Tokenizer(backbone)
@@ -122,14 +126,14 @@ class Server:
             tenants.start_watching()
             if settings.admin_token is None:
                 log.warning("tenants without an admin token: /metrics and the tasks of no tenant are out of reach")
-        runner = BatchRunner(backbone, Engine(backbone), cache, store, tokenizer, settings.max_length)
+        runner = BatchRunner(backbone, engine, cache, store, tokenizer, settings.max_length)
         batcher = PipelineBatcher(runner, max_batch_tokens=settings.max_batch_tokens,
                                   max_batch_requests=settings.max_batch_requests,
                                   wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
                                   max_queue_rows=settings.max_queue_rows, max_queue_s=queue_seconds(settings),
                                   metrics=metrics, weights=tenants.weight if tenants is not None else None)
         return cls(settings, backbone, store, cache, tokenizer, runner, batcher, metrics, tenants,
-                   AuditLog(settings.audit_log))
+                   AuditLog(settings.audit_log), backend=backend)
 
     def not_ready(self) -> str | None:
         """Why this server should get no new work now, or None: draining, the batcher stopped, or the store
@@ -280,7 +284,13 @@ class Server:
         report["resident"] = [{"name": key[0], "version": key[1], "bytes": size} for key, size in resident]
         report["replica"] = self.replica
         report["tenants"] = self._usage(caller) if self.tenants is not None else None
+        report.update(self.backend_report())
         return report
+
+    def backend_report(self) -> dict[str, str]:
+        """`backend` (the engine backend serving) and `backend_reason` (why), for /health and /memory."""
+        choice = self.backend or BackendChoice(self.runner.engine.backend.name, "chosen by the caller")
+        return {"backend": choice.name, "backend_reason": choice.reason}
 
     def _usage(self, caller: Caller) -> list[dict[str, Any]]:
         assert self.tenants is not None

@@ -38,7 +38,8 @@ async def health(server: ServerIfBuiltDep) -> Response:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     problem = server.not_ready()
     body = {"status": "ok" if problem is None else "shutting down" if server.draining else "unavailable",
-            "backbone": server.backbone.name, "tasks": len(server.store.list()), "queue_depth": server.batcher.depth}
+            "backbone": server.backbone.name, "tasks": len(server.store.list()), "queue_depth": server.batcher.depth,
+            **server.backend_report()}
     if problem is not None:
         body["problem"] = problem
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

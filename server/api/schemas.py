@@ -140,6 +140,9 @@ class MemoryReport(BaseModel):
     replica: str | None = Field(None, description="which replica answered (Ray Serve), else null")
     tenants: list[TenantUsage] | None = Field(None, description="with --tenants-file: the caller's usage and "
                                                                "quotas (the operator: every tenant's), else null")
+    backend: str | None = Field(None, description="the engine backend serving: triton (grouped kernels) or cpu "
+                                "(the formula in torch ops, on the CPU or the GPU)")
+    backend_reason: str | None = Field(None, description="why that backend: requested, auto, or a fallback's cause")
 
 
 class ErrorBody(BaseModel):

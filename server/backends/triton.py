@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from server.backends import Backend, BackendLinear, Segment
 from server.backends import triton_ops as ops
+from server.backends.uploads import aligned_length, upload_int_tables
 from server.parts import BACKENDS, HEAD_KEEP, prepared_class
 from server.pooling import row_mask
 
@@ -234,9 +235,9 @@ class TritonBackend(Backend):
         # The batch's one upload: both row-tile plans, each segment's slot, each sequence row's slot.
         token_host = ops.SegmentPlan.host_tables([s * seq_len for s in starts], [e * seq_len for e in ends])
         sequence_host = ops.SegmentPlan.host_tables(starts, ends)
-        padded_slots = slots + [slots[0]] * (ops.aligned_length(num_segments, torch.int32) - num_segments)
+        padded_slots = slots + [slots[0]] * (aligned_length(num_segments, torch.int32) - num_segments)
         row_slots = [slot for slot, start, end in zip(slots, starts, ends, strict=True) for _ in range(start, end)]
-        uploaded = ops.upload_int_tables([*token_host.tables, *sequence_host.tables, padded_slots, row_slots],
+        uploaded = upload_int_tables([*token_host.tables, *sequence_host.tables, padded_slots, row_slots],
                                          torch.int32, device, pin=True)
         token_plan = token_host.on_device(uploaded[0:4])
         sequence_plan = sequence_host.on_device(uploaded[4:8])

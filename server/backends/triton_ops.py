@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server.backends.uploads import ALIGN_BYTES, upload_int_tables
+
 # `@triton.jit` reads the switch when each kernel below is defined, so setting it here is enough even
 # when triton was imported earlier (transformers imports it). For the same reason the kernels avoid
 # triton.language's own jit helpers (`tl.zeros`, `tl.cdiv`): those were defined at triton's import,
@@ -161,36 +163,6 @@ def choose_block_m(lengths: list[int], max_waste: float = 0.25) -> int:
         if padded <= rows * (1 + max_waste):
             best = block_m
     return best
-
-
-ALIGN_BYTES = 16  # Triton specialises every pointer argument on this alignment
-
-
-def aligned_length(length: int, dtype: torch.dtype) -> int:
-    """`length` rounded up so that a table slice that follows starts 16-byte aligned."""
-    per = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
-    return -(-length // per) * per
-
-
-def upload_int_tables(tables: list[list[int]], dtype: torch.dtype, device: torch.device | str,
-                      pin: bool = False) -> list[torch.Tensor]:
-    """Several integer tables in ONE host-to-device copy, each slice 16-byte aligned on the device.
-
-    Aligned because Triton compiles a kernel per pointer alignment: slices at arbitrary offsets
-    of one buffer would make the same launch compile again for a new batch. With `pin`, the host
-    buffer is page-locked and the copy is non-blocking (it does not wait for the forward in flight).
-    """
-    flat: list[int] = []
-    offsets = []
-    for table in tables:
-        offsets.append(len(flat))
-        flat.extend(table)
-        flat.extend([0] * (aligned_length(max(len(table), 1), dtype) - len(table)))
-    host = torch.tensor(flat, dtype=dtype)
-    if pin and torch.cuda.is_available():
-        host = host.pin_memory()
-    on_device = host.to(device, non_blocking=True)
-    return [on_device[offset:offset + len(table)] for offset, table in zip(offsets, tables, strict=True)]
 
 
 def mask_row_align(k: int) -> int:
@@ -727,3 +699,47 @@ def sparse_add(x: torch.Tensor, y: torch.Tensor, sparse: SparseArgs, plan: Segme
     _check_rows(y, plan)
     _check_tables(plan, index_ptrs=sparse.index_ptrs, value_ptrs=sparse.value_ptrs, nnz=sparse.nnz)
     _delta_add(y, plan, x, x.shape[1], None, sparse, x.dtype)
+
+
+def warm_up(backbone) -> float:
+    """Compile and autotune, now, every specialisation that serving can launch for this backbone.
+
+    Serving's specialisation keys are a fixed, small set (`tests/test_triton_compiled.py` checks
+    it): per kernel the row-tile height (`BLOCK_M_CHOICES`), which epilogue parts run, the rank
+    chunk, the module shapes' alignment and the dtype; the tables, rows and strides are always
+    16-byte aligned. This launches each of them once on zeros (rank 0, no entries: nothing but the
+    compile and the autotuning), so that no batch waits seconds for a compile under the engine lock.
+    With a persistent `TRITON_CACHE_DIR` (docs/gpu.md), a restart finds the compiled kernels on disk.
+    Returns the seconds taken; nothing to do in the interpreter.
+    """
+    import time
+
+    if INTERPRET:
+        return 0.0
+    started = time.perf_counter()
+    device, dtype = backbone.device, backbone.dtype
+    shapes = {(n, k, backbone.model.get_submodule(name).bias is not None)
+              for name, (n, k) in backbone.linear_modules.items()}
+    pointers = torch.zeros(1, dtype=torch.int64, device=device)
+    counts = torch.zeros(1, dtype=torch.int32, device=device)
+    sparse = SparseArgs(pointers, pointers, counts)
+    tallest = max(BLOCK_M_CHOICES)
+    for n, k, has_bias in sorted(shapes):
+        x = torch.zeros(tallest, k, dtype=dtype, device=device)
+        weight = torch.zeros(n, k, dtype=dtype, device=device)
+        bias = torch.zeros(n, dtype=dtype, device=device) if has_bias else None
+        y = torch.zeros(tallest, n, dtype=dtype, device=device)
+        for block_m in BLOCK_M_CHOICES:
+            plan = SegmentPlan.build([0], [block_m], device, block_m=block_m)
+            rows, out = x[:block_m], y[:block_m]
+            for rank in (None, 8, 24):  # no low-rank part, and the two rank chunks (16, 32)
+                lora = None
+                if rank is not None:
+                    lora = LoraExpandArgs(lora_shrink(rows, plan, pointers, counts, rank), pointers, counts)
+                for with_sparse in (False, True):
+                    part = sparse if with_sparse else None
+                    masked_linear(rows, weight, bias, plan, pointers, out, lora=lora, sparse=part)
+                    if lora is not None or part is not None:
+                        _delta_add(out, plan, rows if part is not None else None, k, lora, part, dtype)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - started

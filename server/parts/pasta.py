@@ -1,12 +1,16 @@
 """PASTA vectors: added to special tokens' hidden states before every layer.
 
 Choice: once per batch, the (row, position) of every special token whose task has a vector for
-its slot is gathered together with that vector for every layer ([layers, E, d], E = number of
-such tokens in the batch). Before layer l runs, one `index_put_` adds the whole batch's vectors.
-Rows of tasks without PASTA are simply absent from E.
+its slot is found on the host, from the tokenizer's special-token masks (host lists already: no
+device work, no sync), and uploaded in one non-blocking copy with the slot numbers; each PASTA
+task's vectors for those tokens are then gathered ([layers, E, d], E = number of such tokens in
+the batch) without waiting for anything. Before layer l runs, one `index_put_` adds the whole
+batch's vectors. Rows of tasks without PASTA are simply absent from E.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -35,25 +39,39 @@ class PastaBatch:
         self.vectors = vectors  # [layers, E, d]
 
     @classmethod
-    def build(
-        cls, slots: torch.Tensor, segments: list[tuple[int, int, PreparedPasta | None]]
-    ) -> PastaBatch | None:
-        """`slots` is [N, L] special-token slot numbers (-1 elsewhere) for the sorted batch."""
-        rows, positions, vectors = [], [], []
+    def build(cls, special_masks: Sequence[Sequence[int] | None],
+              segments: list[tuple[int, int, PreparedPasta | None]], device: torch.device) -> PastaBatch | None:
+        """`special_masks[i]` is row i's special-token mask (1 where the tokenizer inserted a token) in
+        the sorted batch; slot j is a row's j-th special token, counted from 0 left to right."""
+        from server.backends.uploads import upload_int_tables
+
+        rows: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        counts: list[tuple[PreparedPasta, int]] = []  # per PASTA segment: its vectors, its entry count
         for start, end, pasta in segments:
             if pasta is None:
                 continue
-            seg_slots = slots[start:end]
-            hit = (seg_slots >= 0) & (seg_slots < pasta.slots)
-            r, p = hit.nonzero(as_tuple=True)
-            if r.numel() == 0:
-                continue
-            rows.append(r + start)
-            positions.append(p)
-            vectors.append(pasta.vectors[:, seg_slots[r, p]])
+            before = len(rows)
+            for row in range(start, end):
+                mask = special_masks[row]
+                if mask is None:
+                    raise ValueError("PASTA slots need the tokenizer's special_tokens_mask for every text")
+                specials = [position for position, special in enumerate(mask) if special]
+                for slot, position in enumerate(specials[: pasta.slots]):
+                    rows.append(row)
+                    positions.append(position)
+                    slots.append(slot)
+            if len(rows) > before:
+                counts.append((pasta, len(rows) - before))
         if not rows:
             return None
-        return cls(torch.cat(rows), torch.cat(positions), torch.cat(vectors, dim=1))
+        row_t, position_t, slot_t = upload_int_tables([rows, positions, slots], torch.int64, device)
+        vectors, first = [], 0
+        for pasta, count in counts:
+            vectors.append(pasta.vectors.index_select(1, slot_t[first:first + count]))
+            first += count
+        return cls(row_t, position_t, torch.cat(vectors, dim=1))
 
     def add_before_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         out = hidden.clone()
