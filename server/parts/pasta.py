@@ -47,8 +47,9 @@ class PastaBatch:
 
         rows: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        counts: list[tuple[PreparedPasta, int]] = []  # per PASTA segment: its vectors, its entry count
+        entries: list[int] = []  # each token's vector: its column in the batch's PASTA tasks' vectors, side by side
+        tasks: list[PreparedPasta] = []
+        first = 0  # the current task's first column there
         for start, end, pasta in segments:
             if pasta is None:
                 continue
@@ -57,21 +58,24 @@ class PastaBatch:
                 mask = special_masks[row]
                 if mask is None:
                     raise ValueError("PASTA slots need the tokenizer's special_tokens_mask for every text")
-                specials = [position for position, special in enumerate(mask) if special]
-                for slot, position in enumerate(specials[: pasta.slots]):
+                position = -1
+                for slot in range(pasta.slots):  # the row's first `slots` special tokens, found by C-speed scans
+                    try:
+                        position = mask.index(1, position + 1)
+                    except ValueError:
+                        break
                     rows.append(row)
                     positions.append(position)
-                    slots.append(slot)
+                    entries.append(first + slot)
             if len(rows) > before:
-                counts.append((pasta, len(rows) - before))
+                tasks.append(pasta)
+                first += pasta.slots
         if not rows:
             return None
-        row_t, position_t, slot_t = upload_int_tables([rows, positions, slots], torch.int64, device)
-        vectors, first = [], 0
-        for pasta, count in counts:
-            vectors.append(pasta.vectors.index_select(1, slot_t[first:first + count]))
-            first += count
-        return cls(row_t, position_t, torch.cat(vectors, dim=1))
+        row_t, position_t, entry_t = upload_int_tables([rows, positions, entries], torch.int64, device)
+        # Two device ops whatever the number of PASTA tasks: their vectors side by side, then one gather.
+        table = tasks[0].vectors if len(tasks) == 1 else torch.cat([task.vectors for task in tasks], dim=1)
+        return cls(row_t, position_t, table.index_select(1, entry_t))
 
     def add_before_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         out = hidden.clone()
