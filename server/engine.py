@@ -116,12 +116,7 @@ class Engine:
         batch = planned.batch
         if batch is None:
             return []
-        with self._lock, self.backend.activate(planned.plans):
-            self._pasta = planned.pasta
-            try:
-                hidden, pooled = self._run_backbone(batch)
-            finally:
-                self._pasta = None
+        hidden, pooled = self.run_backbone(planned)
         sorted_outputs = self.backend.classify(hidden, pooled, batch.segments, batch.lengths)
         outputs: list[torch.Tensor] = [torch.empty(0)] * planned.num_rows
         for sorted_index, original in enumerate(batch.order):
@@ -129,9 +124,28 @@ class Engine:
         return outputs
 
     @torch.inference_mode()
+    def run_backbone(self, planned: Planned) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backbone's forward of a prepared batch with its plans and PASTA active, under the lock:
+        `run` without the heads (what a benchmark's run-only side times against `run_dense`)."""
+        assert planned.batch is not None
+        with self._lock, self.backend.activate(planned.plans):
+            self._pasta = planned.pasta
+            try:
+                return self._run_backbone(planned.batch)
+            finally:
+                self._pasta = None
+
+    @torch.inference_mode()
     def forward_dense(self, texts: Sequence[EncodedText]) -> torch.Tensor:
         """The plain backbone on the same padded batch, no task parts: the dense baseline."""
-        batch = self._pad(list(texts))
+        return self.run_dense(self.pad_dense(texts))
+
+    def pad_dense(self, texts: Sequence[EncodedText]) -> Batch:
+        """The dense baseline's padded batch (on the device), to time `run_dense` alone."""
+        return self._pad(list(texts))
+
+    @torch.inference_mode()
+    def run_dense(self, batch: Batch) -> torch.Tensor:
         with self._lock:
             hidden, _ = self._run_backbone(batch)
         return hidden

@@ -27,12 +27,15 @@ def test_gpu_bench_smoke_run_on_cpu(tmp_path, tokenizer, capsys, monkeypatch):
     folder = tmp_path / "tiny"
     make_tiny_model("bert").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    gpu.main(["--backbone", str(folder), "--allow-cpu", "--ks", "2", "--methods", "lora,dsee",
+    gpu.main(["--backbone", str(folder), "--allow-cpu", "--ks", "2,4", "--methods", "lora,dsee",
               "--batch", "2", "--tokens", "8", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "| tiny | lora | 2 |" in out and "| tiny | dsee | 2 |" in out
+    assert "k=4: skipped" in out and "| tiny | lora | 4 |" not in out  # 4 tasks cannot share 2 rows
     for line in out.splitlines():
         if line.startswith("| tiny | lora | 2 |"):
             cells = [c.strip() for c in line.split("|")]
-            assert cells[8] != "–"  # PEFT's mixed batch ran for LoRA
+            assert cells[4] != "–" and cells[5] != "–" and cells[6].endswith("×")  # run only: grouped, dense
+            assert cells[7] != "–" and cells[8].endswith("×")  # end to end against the per-segment engine
+            assert cells[9] != "–"  # PEFT's mixed batch ran for LoRA
             assert float(cells[-2]) < 1e-4  # grouped agrees with the per-segment engine

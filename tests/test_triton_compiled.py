@@ -35,7 +35,7 @@ from server.backends import triton_ops as ops, triton_audit as audit
 N, K = 1536, 384  # MiniLM's FFN in: two K tiles at least for every BLOCK_K
 results = []
 for dtype in DTYPES:
-    for block_m in ops.BLOCK_M_CHOICES:
+    for block_m in ops.block_m_choices(dtype):
         M = 2 * block_m
         x, w, b = (torch.zeros(*shape, dtype=dtype) for shape in ((M, K), (N, K), (N,)))
         plan = ops.SegmentPlan.build([0], [M], "cpu", block_m=block_m)

@@ -233,8 +233,10 @@ class TritonBackend(Backend):
         ends = [end for _, end, _ in segments]
         num_segments = len(segments)
         # The batch's one upload: both row-tile plans, each segment's slot, each sequence row's slot.
-        token_host = ops.SegmentPlan.host_tables([s * seq_len for s in starts], [e * seq_len for e in ends])
-        sequence_host = ops.SegmentPlan.host_tables(starts, ends)
+        dtype = self.backbone.dtype
+        token_host = ops.SegmentPlan.host_tables([s * seq_len for s in starts], [e * seq_len for e in ends],
+                                                 dtype=dtype)
+        sequence_host = ops.SegmentPlan.host_tables(starts, ends, dtype=dtype)
         padded_slots = slots + [slots[0]] * (aligned_length(num_segments, torch.int32) - num_segments)
         row_slots = [slot for slot, start, end in zip(slots, starts, ends, strict=True) for _ in range(start, end)]
         uploaded = upload_int_tables([*token_host.tables, *sequence_host.tables, padded_slots, row_slots],

@@ -76,6 +76,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Candidate row-tile heights for SegmentPlan (tl.dot needs ≥ 16 on a GPU; the interpreter takes any).
 BLOCK_M_CHOICES = (2, 4, 8) if INTERPRET else (16, 32, 64, 128)
+# fp32 operands multiply on the FMA units (exact products, no wgmma): a 128-row tile needs more
+# registers than a thread has with any of the configs (measured: spills), so fp32 stops at 64.
+FP32_MAX_BLOCK_M = 64
 # Fixed tiles in the interpreter; autotuned on a GPU (BLOCK_M always comes from the plan).
 _INTERPRET_TILES = {"BLOCK_N": 8, "BLOCK_K": 8}
 _INTERPRET_R = 4  # rank chunk (and sparse entry chunk) in the interpreter
@@ -119,14 +122,15 @@ class SegmentPlan:
         return host.on_device(upload_int_tables(host.tables, torch.int32, device))
 
     @staticmethod
-    def host_tables(starts: list[int], ends: list[int], block_m: int | None = None) -> HostSegmentPlan:
+    def host_tables(starts: list[int], ends: list[int], block_m: int | None = None,
+                    dtype: torch.dtype = torch.float16) -> HostSegmentPlan:
         """The plan's tables as host lists, to upload with others in one copy (`HostSegmentPlan.on_device`)."""
         if len(starts) != len(ends):
             raise ValueError("starts and ends differ in length")
         if any(e < s for s, e in zip(starts, ends, strict=True)):
             raise ValueError("a segment ends before it starts")
         if block_m is None:
-            block_m = choose_block_m([e - s for s, e in zip(starts, ends, strict=True)])
+            block_m = choose_block_m([e - s for s, e in zip(starts, ends, strict=True)], dtype)
         block_seg: list[int] = []
         block_row: list[int] = []
         for seg, (start, end) in enumerate(zip(starts, ends, strict=True)):
@@ -150,15 +154,23 @@ class HostSegmentPlan:
         return SegmentPlan(seg_start, seg_end, block_seg, block_row, self.block_m, self.num_rows)
 
 
-def choose_block_m(lengths: list[int], max_waste: float = 0.25) -> int:
+def block_m_choices(dtype: torch.dtype) -> tuple[int, ...]:
+    """The row-tile heights a batch's plan may pick for operands of `dtype`."""
+    if INTERPRET or dtype != torch.float32:
+        return BLOCK_M_CHOICES
+    return tuple(block_m for block_m in BLOCK_M_CHOICES if block_m <= FP32_MAX_BLOCK_M)
+
+
+def choose_block_m(lengths: list[int], dtype: torch.dtype = torch.float16, max_waste: float = 0.25) -> int:
     """The tallest row tile whose padding (tiles never straddle segments) wastes ≤ `max_waste`.
 
     Tall tiles reuse each weight tile across more rows; short ones waste nothing on short
     segments (at 256 tasks in 64×128 tokens a segment is 32 rows).
     """
     rows = max(sum(lengths), 1)
-    best = BLOCK_M_CHOICES[0]
-    for block_m in BLOCK_M_CHOICES:
+    choices = block_m_choices(dtype)
+    best = choices[0]
+    for block_m in choices:
         padded = sum(-(-n // block_m) * block_m for n in lengths)
         if padded <= rows * (1 + max_waste):
             best = block_m
@@ -397,27 +409,41 @@ SHARED_MEMORY_LIMIT = 232_448
 
 def _gemm_configs() -> list[triton.Config]:
     """The masked GEMM's candidate tiles. BLOCK_N is wgmma's M side (64 rows a warpgroup), so 4 warps
-    take 64 and 8 warps 128; every pair below compiles for sm_90 without spilling (checked in CI by
-    `tests/test_triton_compiled.py` for every row-tile height and dtype; `_prune_gemm` drops the
-    ones whose pipeline would not fit in shared memory for the launch's dtype and row tile)."""
+    take 64 and 8 warps 128. `_prune_gemm` keeps, per launch, those that fit: every kept one compiles
+    for sm_90 without spilling and within shared memory, for every row-tile height and dtype
+    (checked in CI by `tests/test_triton_compiled.py`)."""
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4)]
+        for bn, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)]
     ]
 
 
 def gemm_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, element_size: int) -> int:
-    """Shared memory the pipelined masked GEMM needs: `stages` buffers of the x and W tiles and of
-    the W tile's mask bytes (an upper bound: Triton may keep fewer)."""
-    return stages * ((block_m + block_n) * block_k * element_size + block_n * block_k // 8)
+    """Shared memory the pipelined masked GEMM takes: `stages` buffers of the x and W tiles (measured
+    from the compiled kernels: exactly that for 16-bit operands, 1.5 times that for fp32, whose FMA
+    dot stages a converted copy), plus the mask bytes' margin."""
+    tiles = stages * (block_m + block_n) * block_k * element_size
+    return (tiles * 3 // 2 if element_size == 4 else tiles) + stages * block_n * block_k // 8
+
+
+def gemm_fp32_registers(block_m: int, block_n: int, block_k: int, warps: int) -> float:
+    """fp32 values per thread the FMA dot holds (accumulator and both operand tiles): over ~96 the
+    compiled kernels spill (measured for sm_90), while 16-bit wgmma configs never came close."""
+    return (block_n * block_m + (block_n + block_m) * block_k) / (32 * warps)
 
 
 def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     element_size = named_args["x_ptr"].element_size()
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-    fit = [c for c in configs if gemm_shared_bytes(block_m, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
-                                                   element_size) <= SHARED_MEMORY_LIMIT]
-    return fit or configs[:1]
+    fit = []
+    for config in configs:
+        block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+        if gemm_shared_bytes(block_m, block_n, block_k, config.num_stages, element_size) > SHARED_MEMORY_LIMIT:
+            continue
+        if element_size == 4 and gemm_fp32_registers(block_m, block_n, block_k, config.num_warps) >= 96:
+            continue
+        fit.append(config)
+    return fit or configs[-1:]
 
 
 def _autotuned(configs, key, restore_value=(), prune=None):
@@ -723,13 +749,13 @@ def warm_up(backbone) -> float:
     pointers = torch.zeros(1, dtype=torch.int64, device=device)
     counts = torch.zeros(1, dtype=torch.int32, device=device)
     sparse = SparseArgs(pointers, pointers, counts)
-    tallest = max(BLOCK_M_CHOICES)
+    tallest = max(block_m_choices(dtype))
     for n, k, has_bias in sorted(shapes):
         x = torch.zeros(tallest, k, dtype=dtype, device=device)
         weight = torch.zeros(n, k, dtype=dtype, device=device)
         bias = torch.zeros(n, dtype=dtype, device=device) if has_bias else None
         y = torch.zeros(tallest, n, dtype=dtype, device=device)
-        for block_m in BLOCK_M_CHOICES:
+        for block_m in block_m_choices(dtype):
             plan = SegmentPlan.build([0], [block_m], device, block_m=block_m)
             rows, out = x[:block_m], y[:block_m]
             for rank in (None, 8, 24):  # no low-rank part, and the two rank chunks (16, 32)
