@@ -44,6 +44,10 @@ step() {  # step NAME COMMAND...: run it, its output into the file, its exit sta
     started=$(date +%s)
     "$@" 2>&1 | tee -a "$OUT"
     rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 5 ] && [[ "$*" == *pytest* ]]; then  # pytest: every test deselected (no GPU here)
+        log "-> $name: no test selected here (exit 5), not a failure"
+        rc=0
+    fi
     log "-> $name: exit $rc after $(( $(date +%s) - started )) s"
     [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
 }

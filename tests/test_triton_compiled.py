@@ -7,7 +7,8 @@ subprocess with `TRITON_INTERPRET=0`, and reads the TTGIR and `cuobjdump`'s reso
 - every K loop of the masked GEMM is software-pipelined (async wgmma left in flight, tiles by
   async copies, the mask bytes prefetched a tile ahead), masked or not, at every row-tile height;
 - no autotune config spills registers or needs more shared memory than an sm_90 block may use,
-  for any row-tile height and dtype, with the whole epilogue (bias, low-rank expand, sparse part);
+  for any row-tile height, in float16 (bfloat16 compiles to the same shapes) and float32, with the
+  whole epilogue (bias, low-rank expand, sparse part);
 - over 100 random batch compositions through the engine, each kernel sees only a small, fixed set
   of specialisation keys (so serving never compiles after the warm-up), every pointer 16-byte aligned.
 """
@@ -51,36 +52,47 @@ for dtype in DTYPES:
                                     shared=compiled.shared_bytes, spill=compiled.spill_bytes,
                                     registers=compiled.registers, k_loops=len(compiled.k_loops()),
                                     pipelining=audit.pipelining_problems(compiled)))
-print(json.dumps(results))
+print(json.dumps({"block_m_choices": {str(dtype): list(ops.block_m_choices(dtype)) for dtype in DTYPES},
+                  "results": results}))
 """
 
 
-def _compile_audit(tmp_path: Path, dtypes: str) -> list[dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+# Triton internals triton_audit binds launches with (as its launcher does): another Triton may lack them.
+INTERNALS = ("_pack_args", "create_function_from_signature", "make_backend")
+
+
+def _compile_audit(tmp_path: Path, dtypes: str) -> dict:
+    """{"block_m_choices": {dtype: the row-tile heights compiled mode uses}, "results": one dict per compile}."""
+    # Triton's cache is keyed by source, options and target: a shared one (TRITON_CACHE_DIR) is safe to reuse.
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR") or str(tmp_path / "cache"),
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     code = AUDIT.replace("DTYPES", dtypes)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
-    if done.returncode != 0 and "_pack_args" in done.stderr:
-        pytest.skip("this Triton's launcher internals differ from those triton_audit binds launches with")
+    if done.returncode != 0 and any(name in done.stderr for name in INTERNALS):
+        pytest.skip(f"this Triton's launcher internals differ from those triton_audit binds launches with:\n"
+                    f"{done.stderr[-500:]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])  # (this process may be the interpreter's)
 
 
 @pytest.fixture(scope="module")
-def half_precision(tmp_path_factory) -> list[dict]:
-    return _compile_audit(tmp_path_factory.mktemp("half"), "(torch.float16, torch.bfloat16)")
+def half_precision(tmp_path_factory) -> dict:
+    # float16 stands for bfloat16 too: the same wgmma shapes, registers and shared memory (checked
+    # once for every config with triton_audit; ~40 compiles a dtype is what keeps CI's time down).
+    return _compile_audit(tmp_path_factory.mktemp("half"), "(torch.float16,)")
 
 
 def test_masked_gemm_k_loops_are_software_pipelined_for_hopper(half_precision):
-    gemm = [r for r in half_precision if r["kernel"] == "_masked_linear_kernel"]
-    assert {r["block_m"] for r in gemm} == set(ops.BLOCK_M_CHOICES)
+    gemm = [r for r in half_precision["results"] if r["kernel"] == "_masked_linear_kernel"]
+    assert {r["block_m"] for r in gemm} == set(half_precision["block_m_choices"]["torch.float16"]) == {16, 32, 64, 128}
     for result in gemm:
         assert result["k_loops"] == 2, result  # the masked loop and the plain one: no branch inside either
         assert result["pipelining"] == [], result
 
 
 def test_no_config_spills_or_overflows_shared_memory(half_precision, tmp_path):
-    every = half_precision + _compile_audit(tmp_path, "(torch.float32,)")
+    every = half_precision["results"] + _compile_audit(tmp_path, "(torch.float32,)")["results"]
     assert {r["kernel"] for r in every} == {"_masked_linear_kernel", "_lora_shrink_kernel"}
     for result in every:
         assert result["spill"] == 0, result
@@ -131,8 +143,14 @@ def test_serving_compiles_a_fixed_small_set_of_kernels(tokenizer, monkeypatch):
             compositions.add(tuple(sorted((id(r.delta), len(r.text.input_ids)) for r in rows)))
             engine.run(engine.prepare(rows))
             for launch in launches:
-                keys.setdefault(launch.name, set()).add(audit.specialisation_key(launch))
-                for spec in audit.specialisation_key(launch)[1]:
+                try:
+                    key = audit.specialisation_key(launch)
+                except (ImportError, AttributeError) as error:
+                    if any(name in str(error) for name in INTERNALS):
+                        pytest.skip(f"this Triton's launcher internals differ: {error}")
+                    raise
+                keys.setdefault(launch.name, set()).add(key)
+                for spec in key[1]:
                     assert "*" not in spec or "'D'" in spec, (launch.name, spec)  # every pointer 16-byte aligned
             launches.clear()
     assert len(compositions) == 100

@@ -240,7 +240,7 @@ class TritonBackend(Backend):
         padded_slots = slots + [slots[0]] * (aligned_length(num_segments, torch.int32) - num_segments)
         row_slots = [slot for slot, start, end in zip(slots, starts, ends, strict=True) for _ in range(start, end)]
         uploaded = upload_int_tables([*token_host.tables, *sequence_host.tables, padded_slots, row_slots],
-                                         torch.int32, device, pin=True)
+                                     torch.int32, device, pin=True)
         token_plan = token_host.on_device(uploaded[0:4])
         sequence_plan = sequence_host.on_device(uploaded[4:8])
         segment_slots, row_slot = uploaded[8], uploaded[9]
