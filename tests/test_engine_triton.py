@@ -138,3 +138,28 @@ def test_triton_backend_half_precision_on_gpu(tokenizer, dtype):
     pristine = copy.deepcopy(model)
     backbone = Backbone(model, tokenizer, "tiny", device="cuda", dtype=dtype, backend="triton")
     _check_mixed_batch(backbone, pristine, _tasks(backbone), HALF_TOLERANCE[dtype])
+
+
+def test_task_slots_are_filled_once_grow_and_are_freed_with_the_task(tokenizer):
+    """Per-task device tables: a slot per resident task, its pointers written once, freed on eviction."""
+    import gc
+
+    backbone = Backbone(make_tiny_model("bert"), tokenizer, "tiny", device="cpu", backend="triton")
+    tables = Engine(backbone).backend.tables
+    first_capacity = tables.capacity
+    deltas = [prepare(make_delta(backbone, ("keep", "low_rank"), seed=i), backbone, f"t{i}", 1)
+              for i in range(first_capacity + 4)]
+    slots = [tables.slot(delta) for delta in deltas]
+    assert len(set(slots)) == len(deltas) and tables.capacity > first_capacity  # grew when full
+    assert tables.slot(deltas[3]) == slots[3]  # asked again: the same slot, nothing rewritten
+    name = next(name for name, parts in deltas[0].modules.items() if parts.keep is not None)
+    module, mask = tables.modules[name], tables.pointer_fields.index("mask_ptrs")
+    assert tables.pointers[mask, module, slots[0]].item() == deltas[0].modules[name].keep.packed.data_ptr()
+    assert tables.host_masked[slots[0], module]
+    freed = slots[5]
+    del deltas[5]  # the cache evicted it and no batch holds it
+    gc.collect()
+    assert len(tables) == len(deltas)
+    newcomer = prepare(make_delta(backbone, ("sparse",), seed=99), backbone, "new", 1)
+    assert tables.slot(newcomer) == freed
+    assert not tables.host_masked[freed].any()  # the old task's entries are gone from the reused slot
