@@ -116,7 +116,8 @@ def run(backend: str, clients: int, requests: int, tasks: int, tolerance: float,
             def predict(i: int) -> tuple[int, float, dict]:
                 began = time.perf_counter()
                 status, body = _request(f"{url}/tasks/task{i % tasks:02d}/predict", "POST",
-                                        json.dumps({"inputs": inputs[i]}).encode())
+                                        json.dumps({"inputs": inputs[i] if isinstance(inputs[i], str)
+                                                    else [inputs[i]]}).encode())  # a pair: a list of one pair
                 return status, time.perf_counter() - began, json.loads(body) if status == 200 else {"error": body}
 
             with ThreadPoolExecutor(clients) as executor:  # every task loaded once before timing
