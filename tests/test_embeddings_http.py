@@ -296,3 +296,14 @@ def test_a_tenants_embedding_task_is_its_own(tiny_backbone, tmp_path):
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
         assert client.post("/v1/embeddings", json={"model": "tiny-bert", "input": "hi"}, headers=beta).is_success
         assert client.post("/embed", json={"inputs": "hi"}, headers=beta).is_success
+
+
+@pytest.mark.parametrize(("route", "body", "field"), [
+    ("/embed", {"inputs": "hi", "truncate": 0}, "truncate"),
+    ("/embed", {"inputs": "hi", "normalize": "false"}, "normalize"),
+    ("/v1/embeddings", {"model": "emb", "input": "hi", "dimensions": "16"}, "dimensions"),
+    ("/v1/embeddings", {"model": "emb", "input": "hi", "dimensions": True}, "dimensions"),
+])
+def test_wrong_types_are_refused_not_coerced(served, route, body, field):
+    response = httpx.post(f"{served.url}{route}", json=body, headers=ADMIN)
+    assert response.status_code == 422 and field in response.text

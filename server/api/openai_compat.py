@@ -49,8 +49,9 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class EmbeddingsRequest(BaseModel):
-    # OpenAI's clients send fields this server has no use for (`user`); they are accepted and ignored.
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI's clients send fields this server has no use for; they are accepted and ignored. Strict: a
+    # wrong type (`"dimensions": "384"`, `true`) is 422, never coerced.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(description="an embedding task's name, or the backbone's (GET /v1/models)",
                        examples=["all-MiniLM-L6-v2"])

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from server.api.auth import CallerDep
@@ -36,6 +36,8 @@ TEI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": TeiError} for cod
 
 
 class EmbedRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # `"truncate": 0` is not false: a wrong type is 422, never coerced
+
     inputs: str | list[str] = Field(description="a text or a list of texts", examples=["What is Deep Learning?"])
     normalize: bool = Field(True, description="unit-length vectors (default), or the raw mean of the tokens")
     truncate: bool | None = Field(None, description="cut inputs over max_length tokens; default false: refuse (413)")
