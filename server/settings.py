@@ -35,6 +35,8 @@ OTHER_VARIABLES = {
     "DELTASERVE_CONFIG": "serve --config",
     "DELTASERVE_URL": "push --url",
     "DELTASERVE_TEST_THREADS": "the tests' torch threads",
+    "DELTASERVE_BASE_IMAGE": "the compose files' image base (a build argument)",
+    "DELTASERVE_TORCH_INDEX_URL": "the compose files' torch index (a build argument)",
 }
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 

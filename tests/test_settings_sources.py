@@ -155,3 +155,22 @@ def test_train_takes_a_token_file_and_checks_it_first(tmp_path, capsys):
                  "--eval", "y.tsv", "--push", "http://127.0.0.1:9", "--name", "t",
                  "--token-file", str(tmp_path / "empty")]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_every_variable_the_documents_name_exists():
+    """Each DELTASERVE_* that README.md, docs/, the Dockerfile and the compose files name is a setting's variable
+    or one read elsewhere (OTHER_VARIABLES): no document teaches a variable the server would ignore."""
+    import re
+    from pathlib import Path
+
+    from server.settings import OTHER_VARIABLES
+
+    repo = Path(__file__).resolve().parents[1]
+    known = {"DELTASERVE_" + name.upper() for name in Settings.model_fields} | set(OTHER_VARIABLES)
+    files = [repo / "README.md", repo / "Dockerfile", *repo.glob("docker-compose*.yml"), *(repo / "docs").glob("*.md")]
+    named = {(path.name, name) for path in files
+             for name in re.findall(r"DELTASERVE_[A-Z0-9_]*[A-Z0-9]", path.read_text())}
+    # <NAME> placeholders and examples of a misspelling are not variables.
+    unknown = sorted((where, name) for where, name in named if name not in known
+                     and name not in ("DELTASERVE_MAX_BATCH_TOKEN",))
+    assert not unknown, unknown
