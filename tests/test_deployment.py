@@ -142,3 +142,27 @@ def test_compose_follows_the_port():
     assert "DELTASERVE_PORT: '9001'" in config.stdout or 'DELTASERVE_PORT: "9001"' in config.stdout
     assert re.search(r"published: ['\"]?9001", config.stdout) and re.search(r"target: 9001", config.stdout)
     assert "stop_grace_period: 60s" in config.stdout or "stop_grace_period: 1m0s" in config.stdout
+
+
+def torch_variant_check() -> str:
+    """The Dockerfile's check that torch came from TORCH_INDEX_URL, as the shell gets it (continuations joined)."""
+    joined = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    match = re.search(r"python -c '([^']*torch\.__version__[^']*)'", joined)
+    assert match, "the torch variant check is missing"
+    return match.group(1)
+
+
+@pytest.mark.parametrize(("version", "index", "ok"), [
+    ("2.13.0+cpu", "https://download.pytorch.org/whl/cpu", True),
+    ("2.13.0+cu126", "https://download.pytorch.org/whl/cu126/", True),
+    ("2.13.0", "https://download.pytorch.org/whl/cpu", False),  # PyPI's CUDA build: the index was unreachable
+    ("2.13.0+cu126", "https://download.pytorch.org/whl/cpu", False),
+])
+def test_the_image_refuses_a_torch_from_another_index(version, index, ok, tmp_path):
+    """Run with a stand-in torch module: the build step fails unless the installed build is the index's."""
+    (tmp_path / "torch.py").write_text(f"__version__ = {version!r}\n")
+    run = subprocess.run([sys.executable, "-c", torch_variant_check(), index], env={"PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=30)
+    assert (run.returncode == 0) == ok, run.stderr
+    if not ok:
+        assert "refusing it" in run.stderr and version in run.stderr
