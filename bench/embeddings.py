@@ -54,6 +54,7 @@ class Result:
     tokens: int  # real tokens of the batch
     padded: int  # rows × longest
     seconds: dict[str, float] = field(default_factory=dict)  # median seconds per batch, per side
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # fastest and slowest round, per side
     st_difference: float | None = None  # bare backbone vs sentence-transformers, max |difference|
     started: str = ""
     took_s: float = 0.0
@@ -139,6 +140,7 @@ def run(rows: int = 64, rounds: int = 7, backbone: Backbone | None = None, ancho
     longest = max(len(e.input_ids) for e in encoded)
     return Result(rows=rows, rounds=rounds, tokens=sum(len(e.input_ids) for e in encoded), padded=rows * longest,
                   seconds={side: statistics.median(values) for side, values in samples.items()},
+                  spread={side: (min(values), max(values)) for side, values in samples.items()},
                   st_difference=difference, started=now, took_s=time.perf_counter() - started, uptime=load)
 
 
@@ -162,11 +164,13 @@ def section(result: Result) -> str:
         f"{TASKS_PER_KIND} LoRA, or {TASKS_PER_KIND} of the four methods (mask, PASTA, LoRA, DSEE); rows "
         "alternate embedding and classification.",
         "",
-        "| side | ms / batch | sentences/s | × dense |",
-        "|---|---|---|---|",
+        "| side | ms / batch (median) | fastest – slowest round, ms | sentences/s | × dense |",
+        "|---|---|---|---|---|",
     ]
     for side, seconds in result.seconds.items():
-        lines.append(f"| {side} | {seconds * 1000:.0f} | {result.per_s(side):.0f} | {result.of_dense(side):.2f}× |")
+        fastest, slowest = result.spread.get(side, (seconds, seconds))
+        lines.append(f"| {side} | {seconds * 1000:.0f} | {fastest * 1000:.0f} – {slowest * 1000:.0f} "
+                     f"| {result.per_s(side):.0f} | {result.of_dense(side):.2f}× |")
     if result.st_difference is not None:
         lines += ["", f"The bare backbone's vectors against sentence-transformers' own: max |difference| "
                       f"{result.st_difference:.1e}. (sentence-transformers' figure includes its own tokenising; "
