@@ -15,7 +15,7 @@ whose pooler was never trained).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,25 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -
             raise ValueError("mean pooling needs the attention mask (which positions are padding)")
         return mean_pool(hidden, attention_mask)
     raise ValueError(f"unknown pooling {mode!r}; use one of {POOLING_MODES}")
+
+
+def head_input(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str,
+               task_pooler: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               backbone_pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """The classifier's input z of task-delta.md for sequence classification: the one definition,
+    used by both serving backends' heads (`server/parts/task_head.py`) and by the trainer.
+
+    `cls`: tanh(task pooler(h_first)) if the task has one, else the backbone's pooler output where
+    the backbone has a pooler (pass it as `backbone_pooled`), else h_first. `mean` (needs the
+    attention mask): h is the float32 mean over the non-padding tokens, then tanh(task pooler(h))
+    if the task has one, else h; the backbone's pooler is never used.
+    """
+    h = pool(hidden, attention_mask, pooling)
+    if task_pooler is not None:
+        return torch.tanh(task_pooler(h))
+    if pooling == "cls" and backbone_pooled is not None:
+        return backbone_pooled
+    return h
 
 
 def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:

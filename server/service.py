@@ -31,6 +31,7 @@ from adapters_store.store import (
 )
 from server.audit import AuditLog
 from server.backbone import Backbone, check_text
+from server.backends import serving_dtype
 from server.backends.choice import start_engine
 from server.backends.selfcheck import BackendChoice
 from server.batching import Answer, Batcher, BatchRunner, Job, PipelineBatcher, TextInput, Tokenizer
@@ -103,8 +104,9 @@ class Server:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         if backbone is None:
-            dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-            backbone = Backbone.load(settings.backbone, device=settings.device, dtype=dtype,
+            device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = serving_dtype(device, None if settings.dtype == "auto" else getattr(torch, settings.dtype))
+            backbone = Backbone.load(settings.backbone, device=device, dtype=dtype,
                                      max_length=settings.max_length, backend=settings.backend)
         store = open_settings_store(settings, backbone)
         seed_demo(store, settings)

@@ -26,7 +26,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.backends import BACKEND_NAMES
 from server.tenants import TenantsFileError, load_tenants
+
+BackendName = Literal[("auto", *BACKEND_NAMES)]  # type: ignore[valid-type]  # one list: server.backends
 
 MiB = 1024 * 1024
 ENV_PREFIX = "DELTASERVE_"
@@ -73,7 +76,7 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; default: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="backbone precision; auto = float16 on CUDA, float32 on CPU")
-    backend: Literal["auto", "cpu", "triton"] = Field(
+    backend: BackendName = Field(
         "auto", description="engine backend; auto = triton (grouped kernels) on CUDA, cpu elsewhere")
 
     max_length: int = Field(128, ge=2, description="truncation for tasks whose delta names no max_length")

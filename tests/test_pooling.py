@@ -249,7 +249,8 @@ def test_inspect_shows_the_resolved_pooling_and_the_head(tiny_backbone, tmp_path
 
 
 def test_the_packaged_backbone_is_named_as_its_model_wherever_it_is_loaded_from():
-    from server.backbone import PACKAGED_MODEL_NAME, _display_name, packaged_model_path
+    from server.backbone import PACKAGED_MODEL_NAME, packaged_model_path
+    from server.backbone.model import _display_name
 
     assert PACKAGED_MODEL_NAME == "all-MiniLM-L6-v2"
     assert _display_name(packaged_model_path()) == PACKAGED_MODEL_NAME

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from adapters_store.format import MODULE_PARTS, DeltaMeta, HeadKeep, ModulePart, PastaVectors, TaskDelta, TaskHead
 from adapters_store.formula import effective_weight
 from server.backbone import Backbone
-from server.pooling import POOLING_MODES, l2_normalize, pool
+from server.pooling import POOLING_MODES, head_input, l2_normalize, pool
 from training.parts import TRAINABLE_PARTS, BinaryStep, TrainableKeep, TrainablePart
 
 __all__ = ["BinaryStep", "DeltaLinear", "DeltaModel", "model_from_delta"]
@@ -214,8 +214,7 @@ class DeltaModel(nn.Module):
         if self.task_type == "token-classification":
             return self.classifier(hidden)
         pooled = out.pooler_output if self.backbone.has_pooler and self.pooling == "cls" else None
-        return self.classifier(self.backbone.sequence_features(hidden, pooled, self.pooler, self.pooling,
-                                                               attention_mask))
+        return self.classifier(head_input(hidden, attention_mask, self.pooling, self.pooler, pooled))
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the classifier reads for `batch` ([N, d] or [N, L, d]), without gradients."""

@@ -16,12 +16,17 @@ Two backends compute exactly task-delta.md's formula, each tuned for its device:
 - `triton` (`backends/triton.py`) — grouped Triton kernels, one launch per module and part
   kind whatever the number of tasks, packed masks unpacked in registers.
 
-Which runs is chosen by device (`server.backbone.resolve_backend`); prepared parts are
-registered per backend in `server/parts/`.
+Which one serves is decided here, once: `BACKEND_NAMES` is the one list of backends (the
+settings, the parts registry and `create_backend` read it), `resolve_backend` turns `auto` into
+one for the device, `serving_dtype` is the serving precision (float16 on CUDA), and
+`server/backends/choice.py` starts the engine, checking the Triton backend on CUDA first.
+Prepared parts are registered per backend in `server/parts/`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,6 +41,38 @@ if TYPE_CHECKING:
     from server.delta import PreparedDelta
 
 Segment = tuple[int, int, "PreparedDelta"]  # rows [start, end) of the sorted batch, one task
+
+# Every engine backend, by name; `auto` (settings, CLI) picks one of them with `resolve_backend`.
+BACKEND_NAMES = ("cpu", "triton")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The engine backend for a device: `triton` (grouped kernels) on CUDA, `cpu` elsewhere.
+
+    `triton` on a CPU device only runs under Triton's interpreter (TRITON_INTERPRET=1), which
+    is how the kernels are tested without a GPU; anywhere else it is refused here, at start-up.
+    """
+    if backend in (None, "auto"):
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "cpu"
+    if backend == "cpu":
+        return "cpu"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("the triton backend needs the triton package: pip install 'deltaserve[gpu]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to test on CPU)")
+        return "triton"
+    raise ValueError(f"unknown engine backend {backend!r}: use auto or one of {', '.join(BACKEND_NAMES)}")
+
+
+def serving_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The backbone's precision when serving: `dtype` if given, else float16 on CUDA (the kernels
+    accumulate in float32) and float32 elsewhere. Training keeps float32 weights (autocast)."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return dtype
 
 
 class BackendLinear(nn.Linear):
@@ -106,12 +143,12 @@ class Backend:
 
 
 def create_backend(name: str, backbone: Backbone) -> Backend:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown engine backend {name!r}; backends are {', '.join(BACKEND_NAMES)}")
     if name == "cpu":
         from server.backends.cpu import CpuBackend
 
         return CpuBackend(backbone)
-    if name == "triton":
-        from server.backends.triton import TritonBackend
+    from server.backends.triton import TritonBackend
 
-        return TritonBackend(backbone)
-    raise ValueError(f"unknown engine backend {name!r}")
+    return TritonBackend(backbone)

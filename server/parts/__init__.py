@@ -29,8 +29,10 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
+from server.backends import BACKEND_NAMES
+
 Role = Literal["input", "replace", "correct"]
-BACKENDS = ("cpu", "triton")
+BACKENDS = BACKEND_NAMES  # prepared classes are registered per engine backend
 HEAD_KEEP = "head_keep"  # the one module part keyed by layer in the file, by module when served
 
 

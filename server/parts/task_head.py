@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters_store.format import DeltaMeta, TaskHead
-from server.pooling import l2_normalize, pool
+from server.pooling import head_input, l2_normalize, pool
 
 
 class PreparedTaskHead:
@@ -47,13 +47,13 @@ class PreparedTaskHead:
 
     def sequence_input(self, hidden: torch.Tensor, backbone_pooled: torch.Tensor | None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The classifier's input z [n, d] of one task's rows (hidden [n, L, d], mask [n, L])."""
-        h = pool(hidden, attention_mask, self.pooling)
-        if self.pooler_weight is not None:
-            return torch.tanh(F.linear(h.to(self.pooler_weight.dtype), self.pooler_weight, self.pooler_bias))
-        if self.pooling == "cls" and backbone_pooled is not None:
-            return backbone_pooled
-        return h
+        """The classifier's input z [n, d] of one task's rows (hidden [n, L, d], mask [n, L]): `head_input`."""
+        return head_input(hidden, attention_mask, self.pooling,
+                          self._own_pooler if self.pooler_weight is not None else None, backbone_pooled)
+
+    def _own_pooler(self, h: torch.Tensor) -> torch.Tensor:
+        assert self.pooler_weight is not None
+        return F.linear(h.to(self.pooler_weight.dtype), self.pooler_weight, self.pooler_bias)
 
     def classify_sequences(self, hidden: torch.Tensor, backbone_pooled: torch.Tensor | None,
                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
