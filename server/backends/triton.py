@@ -47,7 +47,7 @@ from server.backends import Backend, BackendLinear, Segment
 from server.backends import triton_ops as ops
 from server.backends.uploads import aligned_length, upload_int_tables
 from server.parts import BACKENDS, HEAD_KEEP, prepared_class
-from server.pooling import row_mask
+from server.pooling import l2_normalize, pool, row_mask
 
 # Fields of the per-task device tables: every Triton part class declares its own (`table_fields`).
 _PART_KINDS = ("keep", "low_rank", "sparse")
@@ -290,10 +290,12 @@ class TritonBackend(Backend):
     def classify(
         self, hidden: torch.Tensor, pooled: torch.Tensor | None, segments: Sequence[Segment], lengths: Sequence[int]
     ) -> list[torch.Tensor]:
-        """Every classifier of the batch at once: one GEMM against all classifiers, one gather.
+        """Every head of the batch in a fixed number of launches, whatever the number of tasks.
 
-        Rows whose task pools differently from the backbone (its own pooler, or mean pooling)
-        get their z per segment first; embedding rows are pooled and projected per segment.
+        The same definitions as the per-segment heads (`server/parts/task_head.py`), grouped:
+        each kind of pooling once over the rows that use it (`_pooled`), every task pooler or
+        projection in one batched GEMM (`_per_task_linear`), every classifier in one GEMM and one
+        gather (`_grouped_heads`), and one device-to-host copy per head kind.
         """
         outputs: list[torch.Tensor] = [torch.empty(0)] * (segments[-1][1] if segments else 0)
         sequence = [seg for seg in segments if seg[2].meta.task_type == "sequence-classification"]
@@ -302,14 +304,13 @@ class TritonBackend(Backend):
         mask = row_mask(lengths, hidden.shape[1], hidden.device)
         if sequence:
             rows = _rows_of(sequence, hidden.device)
-            z = pooled[rows] if pooled is not None else hidden[rows, 0]
-            cursor = 0
-            for start, end, delta in sequence:  # a task's own pooler or mean pooling replaces the backbone's
-                count, head = end - start, delta.head
-                if head.pooler_weight is not None or head.pooling != "cls":
-                    z[cursor:cursor + count] = head.sequence_input(hidden[start:end], None, mask[start:end])
-                cursor += count
-            logits = _grouped_heads(z, sequence).float().cpu()
+            z = _pooled(hidden, mask, rows, sequence)
+            if pooled is not None:  # `cls` tasks without their own pooler read the backbone's pooler output
+                backbone = _row_flags(sequence, lambda d: d.head.pooling == "cls" and d.head.pooler_weight is None)
+                if backbone is not None:
+                    z = torch.where(backbone.to(z.device)[:, None], pooled[rows].to(z.dtype), z)
+            z = _per_task_linear(z, sequence, "pooler", torch.tanh)
+            logits = _grouped_heads(z.to(hidden.dtype), sequence).float().cpu()
             for offset, (position, count) in enumerate(_positions(sequence)):
                 outputs[position] = logits[offset, :count]
         if token:
@@ -317,9 +318,75 @@ class TritonBackend(Backend):
             logits = _grouped_heads(hidden[rows], token).float().cpu()
             for offset, (position, count) in enumerate(_positions(token)):
                 outputs[position] = logits[offset, : lengths[position], :count]
-        for start, end, delta in embedding:
-            outputs[start:end] = delta.head.embed(hidden[start:end], mask[start:end]).cpu().unbind(0)
+        if embedding:
+            rows = _rows_of(embedding, hidden.device)
+            vectors = _per_task_linear(_pooled(hidden, mask, rows, embedding), embedding, "projection", None)
+            normalize = _row_flags(embedding, lambda d: d.head.normalize)
+            vectors = vectors.float()
+            if normalize is not None:
+                vectors = torch.where(normalize.to(vectors.device)[:, None], l2_normalize(vectors), vectors)
+            vectors = vectors.cpu()
+            cursor = 0
+            for start, end, delta in embedding:  # widths differ per task (projection): each row its own
+                weight = delta.head.projection_weight
+                width = hidden.shape[-1] if weight is None else weight.shape[0]
+                outputs[start:end] = vectors[cursor:cursor + end - start, :width].unbind(0)
+                cursor += end - start
         return outputs
+
+
+def _row_flags(segments: Sequence[Segment], test) -> torch.Tensor | None:
+    """A bool per row of these segments (their order) telling `test(delta)`; None when no row has it."""
+    flags = [bool(test(delta)) for start, end, delta in segments for _ in range(start, end)]
+    return torch.tensor(flags) if any(flags) else None
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    """[n, d] pooled states of these rows, each by its task's pooling: the first token's state, and
+    where any task pools by the mean, the float32 mean computed once for the rows that do."""
+    z = hidden[rows, 0].float()
+    mean = _row_flags(segments, lambda d: d.head.pooling == "mean")
+    if mean is not None:
+        z = torch.where(mean.to(z.device)[:, None], pool(hidden[rows], mask[rows], "mean"), z)
+    return z
+
+
+def _per_task_linear(z: torch.Tensor, segments: Sequence[Segment], which: str, activation) -> torch.Tensor:
+    """Rows of tasks with their own `which` linear (the pooler, or an embedding's projection) through
+    it, every such task in ONE batched GEMM: weights stacked [m, widest, in], rows gathered into
+    [m, tallest, in] (padding rows compute and are dropped). Other rows pass unchanged. Float32
+    [n, max(in, widest)], each row zero-padded past its own width."""
+    owners = [(index, getattr(delta.head, f"{which}_weight"), getattr(delta.head, f"{which}_bias"))
+              for index, (_, _, delta) in enumerate(segments) if getattr(delta.head, f"{which}_weight") is not None]
+    if not owners:
+        return z.float()
+    firsts, cursor = [], 0
+    for start, end, _ in segments:
+        firsts.append(cursor)
+        cursor += end - start
+    counts = [segments[i][1] - segments[i][0] for i, _, _ in owners]
+    tallest, widest = max(counts), max(weight.shape[0] for _, weight, _ in owners)
+    dtype, device = owners[0][1].dtype, z.device
+    if all(weight.shape[0] == widest and bias is not None for _, weight, bias in owners):  # the usual case
+        weights = torch.stack([weight for _, weight, _ in owners])
+        biases = torch.stack([bias for _, _, bias in owners]).unsqueeze(1)
+    else:  # outputs of different widths: zero-padded side by side (zeros past a task's width stay 0)
+        weights = torch.zeros((len(owners), widest, z.shape[1]), dtype=dtype, device=device)
+        biases = torch.zeros((len(owners), 1, widest), dtype=dtype, device=device)
+        for slot, (_, weight, bias) in enumerate(owners):
+            weights[slot, : weight.shape[0]] = weight
+            if bias is not None:
+                biases[slot, 0, : weight.shape[0]] = bias
+    gather = torch.tensor([[firsts[i] + min(r, count - 1) for r in range(tallest)]
+                           for (i, _, _), count in zip(owners, counts, strict=True)], dtype=torch.int64).to(device)
+    real = torch.tensor([[r < count for r in range(tallest)] for count in counts]).to(device)
+    out = torch.baddbmm(biases, z[gather].to(dtype), weights.transpose(1, 2))  # [m, tallest, widest]
+    if activation is not None:
+        out = activation(out)
+    width = max(z.shape[1], widest)
+    result = F.pad(z.float(), (0, width - z.shape[1]))
+    result[gather[real]] = F.pad(out[real].float(), (0, width - widest))
+    return result
 
 
 def _rows_of(segments: Sequence[Segment], device: torch.device) -> torch.Tensor:
