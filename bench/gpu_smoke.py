@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 TOKEN = "smoke-admin-token"
+RETRIES = 5  # per request, on 429/503 with Retry-After (admission control under load)
 
 
 def _request(url: str, method: str = "GET", body: bytes | None = None, content_type: str = "application/json",
@@ -47,6 +48,18 @@ def _request(url: str, method: str = "GET", body: bytes | None = None, content_t
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def _request_with_retry_after(url: str, body: bytes) -> tuple[int, bytes, float | None]:
+    """POST JSON; (status, body, the Retry-After seconds when the server sent one)."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    try:
+        with urllib.request.urlopen(request, timeout=300.0) as response:
+            return response.status, response.read(), None
+    except urllib.error.HTTPError as error:
+        retry_after = error.headers.get("Retry-After")
+        return error.code, error.read(), float(retry_after) if retry_after else None
 
 
 def _free_port() -> int:
@@ -113,11 +126,19 @@ def run(backend: str, clients: int, requests: int, tasks: int, tolerance: float,
                 if status not in (200, 201):
                     raise RuntimeError(f"upload of task{index:02d}: {status} {body[:300]!r}")
 
+            retries = [0]
+
             def predict(i: int) -> tuple[int, float, dict]:
                 began = time.perf_counter()
-                status, body = _request(f"{url}/tasks/task{i % tasks:02d}/predict", "POST",
-                                        json.dumps({"inputs": inputs[i] if isinstance(inputs[i], str)
-                                                    else [inputs[i]]}).encode())  # a pair: a list of one pair
+                payload = json.dumps({"inputs": inputs[i] if isinstance(inputs[i], str)
+                                      else [inputs[i]]}).encode()  # a pair: a list of one pair
+                for _ in range(RETRIES + 1):  # as a client should: 429/503 with Retry-After are waited out
+                    status, body, retry_after = _request_with_retry_after(
+                        f"{url}/tasks/task{i % tasks:02d}/predict", payload)
+                    if status not in (429, 503) or retry_after is None:
+                        break
+                    retries[0] += 1
+                    time.sleep(min(retry_after, 10.0))
                 return status, time.perf_counter() - began, json.loads(body) if status == 200 else {"error": body}
 
             with ThreadPoolExecutor(clients) as executor:  # every task loaded once before timing
@@ -139,7 +160,8 @@ def run(backend: str, clients: int, requests: int, tasks: int, tolerance: float,
         got = torch.tensor([scores[label] for label in deltas[i % tasks].meta.labels])
         worst = max(worst, (got - want).abs().max().item())
     latencies = sorted(a[1] for a in answers)
-    report.update(errors=len(errors), first_error=str(errors[0][2])[:300] if errors else None,
+    report.update(errors=len(errors), retries_after_429_or_503=retries[0],
+                  first_error=str(errors[0][2])[:300] if errors else None,
                   requests_per_s=round(requests / wall, 1), p50_ms=round(statistics.median(latencies) * 1e3, 1),
                   p99_ms=round(latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1e3, 1),
                   max_probability_difference=worst, tolerance=tolerance,
