@@ -62,6 +62,7 @@ MEMORY = {
                  {"name": "sst2-mask", "version": 1, "bytes": 906092}],
     "replica": None,
     "tenants": None,
+    "backend": "cpu", "backend_reason": "auto on cpu",
 }
 
 BACKBONE = {
@@ -99,7 +100,8 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("delete", "/tasks/{name}"): {},
     ("get", "/backbone"): {"200": BACKBONE},
     ("get", "/memory"): {"200": MEMORY},
-    ("get", "/health"): {"200": {"status": "ok", "backbone": "all-MiniLM-L6-v2", "tasks": 4, "queue_depth": 0}},
+    ("get", "/health"): {"200": {"status": "ok", "backbone": "all-MiniLM-L6-v2", "tasks": 4, "queue_depth": 0,
+                                 "backend": "cpu", "backend_reason": "auto on cpu"}},
     ("get", "/metrics"): {"200": METRICS},
 }
 
