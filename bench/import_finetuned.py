@@ -141,9 +141,37 @@ def merged_lora(delta_path: Path, json_path: Path, out_dir: Path) -> None:
     json_path.write_text(json.dumps(out, indent=2))
 
 
+def table(sst2_json: Path, lora_json: Path) -> str:
+    """RESULTS.md's import tables, rendered from the two JSON files."""
+    results = json.loads(sst2_json.read_text())
+    base = results["original_dev_accuracy"]
+    size = results["checkpoint_file_bytes"]
+    lines = ["| budget | delta bytes | of the checkpoint | served dev acc. | vs original | dev label agreement "
+             "| calibration agreement (ceiling) | import wall / CPU s | modules |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for entry in sorted(results["imports"], key=lambda e: -e["budget_bytes"]):
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(entry["representations"].items()))
+        ranks = sorted(m["rank"] for m in entry["modules"])
+        lines.append(
+            f"| 1/{size / entry['budget_bytes']:.0f} | {entry['delta_bytes']:,} "
+            f"| 1/{1 / entry['fraction_of_checkpoint']:.1f} | {100 * entry['served_dev_accuracy']:.2f} "
+            f"| {100 * (entry['served_dev_accuracy'] - base):+.2f} | {100 * entry['dev_label_agreement']:.2f} "
+            f"| {100 * entry['calibration_fidelity']['label_agreement']:.2f} "
+            f"({100 * entry['carried_ceiling']['label_agreement']:.2f}) | {entry['import_seconds']:.0f} / "
+            f"{entry['import_cpu_seconds']:.0f} | {kinds}; ranks {ranks[0]}–{ranks[-1]} |")
+    lora = json.loads(lora_json.read_text())
+    lines += ["", f"Merged LoRA ({lora['delta']}, {lora['lora_modules']} modules): {lora['representations']}, "
+              f"ranks equal to the LoRA's: {lora['ranks_equal']}; {lora['imported_bytes']:,} bytes against the "
+              f"LoRA's {lora['lora_bytes']:,} ({lora['imported_bytes'] / lora['lora_bytes']:.2f}×); largest "
+              f"probability difference {lora['max_prob_diff_vs_lora_delta']:.1e} against the LoRA delta served, "
+              f"{lora['max_prob_diff_vs_merged_model']:.1e} against the merged model in transformers; import "
+              f"{lora['import_seconds']:.0f} s wall, {lora['import_cpu_seconds']:.0f} s CPU."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.import_finetuned")
-    parser.add_argument("step", choices=("finetune", "measure", "lora"))
+    parser.add_argument("step", choices=("finetune", "measure", "lora", "table"))
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/import-bench"))
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=2)
@@ -161,6 +189,8 @@ def main() -> None:
     elif args.step == "measure":
         budgets = [int(b) for b in args.budgets.split(",")]
         measure(args.data, args.out_dir, budgets, args.json or Path("results/import/sst2.json"))
+    elif args.step == "table":
+        print(table(args.json or Path("results/import/sst2.json"), Path("results/import/merged-lora.json")))
     else:
         merged_lora(args.delta, args.json or Path("results/import/merged-lora.json"), args.out_dir)
 
