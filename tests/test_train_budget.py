@@ -259,10 +259,10 @@ def test_dsee_prunes_by_the_magnitude_of_the_trained_weight(tokenizer):
     m.before_phase(model, 1)
     # one global ranking among the adapted modules: every dropped entry is below every kept one
     adapted = m.adapted(model)
-    dropped = torch.cat([(model.deltas[n].weight + model.deltas[n].delta_weight()).abs()[~model.deltas[n].keep]
-                         for n in adapted])
-    kept = torch.cat([(model.deltas[n].weight + model.deltas[n].delta_weight()).abs()[model.deltas[n].keep]
-                      for n in adapted])
+    trained = {n: (model.deltas[n].weight + model.deltas[n].delta_weight()).abs() for n in adapted}
+    keeps = {n: model.deltas[n].keep_mask() for n in adapted}
+    dropped = torch.cat([trained[n][~keeps[n]] for n in adapted])
+    kept = torch.cat([trained[n][keeps[n]] for n in adapted])
     assert dropped.max() <= kept.min()
     total = sum(model.deltas[n].weight.numel() for n in adapted)
     assert dropped.numel() == round(0.2 * total)
@@ -280,7 +280,8 @@ def test_dsee_retrains_at_a_decayed_rate_without_warm_up():
 def test_trainables_are_float32_when_the_backbone_is_asked_for_cuda(tmp_path, tiny_folder, monkeypatch):
     """Serving defaults CUDA to float16; training must load float32. No GPU needed: the model's move
     keeps the weights on the CPU but applies the dtype the trainer asked for."""
-    import server.backbone as backbone_module
+    import server.backbone.model as backbone_module
+    from server.backends import serving_dtype
 
     real = backbone_module.AutoModel.from_pretrained
 
@@ -294,8 +295,10 @@ def test_trainables_are_float32_when_the_backbone_is_asked_for_cuda(tmp_path, ti
     monkeypatch.setattr(backbone_module.AutoModel, "from_pretrained", from_pretrained)
     settings = TrainSettings(method="lora", task_type="sequence-classification", train="", eval="",
                              backbone=str(tiny_folder), device="cuda")
-    # what the serving default would have been on that device
-    assert Backbone.load(tiny_folder, device="cuda").dtype == torch.float16
+    # what serving picks on that device, and what a backbone loaded that way holds
+    served = serving_dtype(torch.device("cuda"))
+    assert served == torch.float16
+    assert Backbone.load(tiny_folder, device="cuda", dtype=served).dtype == torch.float16
     backbone = trainer.training_backbone(settings)
     assert backbone.device.type == "cuda" and backbone.dtype == torch.float32
     for method in METHODS:
@@ -304,8 +307,8 @@ def test_trainables_are_float32_when_the_backbone_is_asked_for_cuda(tmp_path, ti
         assert dtypes == {torch.float32}, (method, dtypes)
         backbone = trainer.training_backbone(settings)  # a fresh backbone for the next method
     with pytest.raises(ValueError, match="float32"):
-        build_model(settings, make_method("lora", method_args()), Backbone.load(tiny_folder, device="cuda"),
-                    ["0", "1"], False)
+        build_model(settings, make_method("lora", method_args()),
+                    Backbone.load(tiny_folder, device="cuda", dtype=served), ["0", "1"], False)
 
 
 # --------------------------------------------------------------------------- the sweep script
