@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from server.api.auth import CallerDep
 from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep, TaskName
-from server.backbone import InvalidText, check_text
+from server.api.schemas import require_text, require_texts
 from server.embeddings import EmbeddingModel, NotAnEmbeddingModel, embed, embedding_models, resolve
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
@@ -68,23 +68,9 @@ class EmbeddingsRequest(BaseModel):
         def text(item: Any, where: str) -> None:
             if isinstance(item, int | list):
                 raise ValueError(f"{where} is a token array; this server takes text only")
-            if not isinstance(item, str):
-                raise ValueError(f"{where} must be a text or a list of texts")
-            if not item.strip():
-                raise ValueError(f"{where} is an empty text")
-            try:
-                check_text(item, where)
-            except InvalidText as err:
-                raise ValueError(str(err)) from None
+            require_text(item, where, "must be a text or a list of texts")
 
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("input is empty")
-            for i, item in enumerate(value):
-                text(item, f"input[{i}]")
-        else:
-            text(value, "input")
-        return value
+        return require_texts(value, "input", text)
 
 
 class EmbeddingItem(BaseModel):

@@ -3,6 +3,7 @@ from these, so their descriptions and examples are the API's documentation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -17,6 +18,31 @@ Texts = Annotated[list[Text], Field(min_length=1)]
 Pairs = Annotated[list[tuple[Text, Text]], Field(min_length=1)]
 
 
+def require_text(item: Any, where: str, not_text: str) -> None:
+    """One input text: a string with something besides whitespace that the tokenizer takes; else a
+    ValueError naming `where` (pydantic answers it as a 422). `not_text` says what a non-string should be."""
+    if not isinstance(item, str):
+        raise ValueError(f"{where} {not_text}")
+    if not item.strip():
+        raise ValueError(f"{where} is an empty text")
+    try:
+        check_text(item, where)
+    except InvalidText as err:
+        raise ValueError(str(err)) from None
+
+
+def require_texts(value: Any, field: str, text: Callable[[Any, str], None]) -> Any:
+    """A text or a non-empty list of texts (the embedding protocols' `input`/`inputs`), each checked by `text`."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"{field} is empty")
+        for i, item in enumerate(value):
+            text(item, f"{field}[{i}]")
+    else:
+        text(value, field)
+    return value
+
+
 class PredictRequest(BaseModel):
     inputs: Text | Texts | Pairs = Field(
         description="one text, a list of texts, or a list of [text_a, text_b] pairs",
@@ -28,14 +54,7 @@ class PredictRequest(BaseModel):
     def _shape(cls, value: Any) -> Any:
         # One readable message instead of pydantic's error per union branch.
         def text(item: Any, where: str) -> None:
-            if not isinstance(item, str):
-                raise ValueError(f"{where} must be a text, a list of texts or a list of [text_a, text_b] pairs")
-            if not item.strip():
-                raise ValueError(f"{where} is an empty text")
-            try:
-                check_text(item, where)
-            except InvalidText as err:
-                raise ValueError(str(err)) from None
+            require_text(item, where, "must be a text, a list of texts or a list of [text_a, text_b] pairs")
 
         if isinstance(value, list):
             if not value:

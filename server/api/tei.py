@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from server.api.auth import CallerDep
 from server.api.body import StrictJSONRoute
 from server.api.deps import ServerDep
-from server.backbone import InvalidText, check_text
+from server.api.schemas import require_text, require_texts
 from server.embeddings import check_backbone_inputs, embed
 from server.service import Server
 
@@ -47,24 +47,8 @@ class EmbedRequest(BaseModel):
     @field_validator("inputs", mode="before")
     @classmethod
     def _texts(cls, value: Any) -> Any:
-        def text(item: Any, where: str) -> None:
-            if not isinstance(item, str):
-                raise ValueError(f"{where} must be a text (token ids are not supported)")
-            if not item.strip():
-                raise ValueError(f"{where} is an empty text")
-            try:
-                check_text(item, where)
-            except InvalidText as err:
-                raise ValueError(str(err)) from None
-
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("inputs is empty")
-            for i, item in enumerate(value):
-                text(item, f"inputs[{i}]")
-        else:
-            text(value, "inputs")
-        return value
+        return require_texts(value, "inputs", lambda item, where: require_text(
+            item, where, "must be a text (token ids are not supported)"))
 
 
 @router.post("/embed", response_model=list[list[float]], responses=TEI_ERRORS, summary="Embed (TEI)")
