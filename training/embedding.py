@@ -32,7 +32,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -264,7 +264,7 @@ def batch_loss(model: DeltaModel, pairs: Sequence[Pair], group: Sequence[int], i
 
 def train_embedding(settings, method: Method, backbone: Backbone | None = None, progress: bool = True):
     """`train()` for `task_type` embedding: same settings, same report keys where they apply."""
-    from training.trainer import PhaseBudget, TrainResult, _restore, autocast_for, write_atomic
+    from training.trainer import PhaseBudget, TrainResult, _restore, autocast_for, run_details, write_outputs
 
     random.seed(settings.seed)
     run_started = time.perf_counter()
@@ -378,20 +378,9 @@ def train_embedding(settings, method: Method, backbone: Backbone | None = None, 
         "train_examples": len(train_pairs),
         "val_examples": len(val_pairs),
         "eval_examples": len(eval_pairs),
-        "backbone": backbone.name,
-        "backbone_fingerprint": backbone.fingerprint,
-        "device": str(model.device),
-        "precision": precision,
-        "torch_threads": torch.get_num_threads(),
-        "settings": asdict(settings),
-        "recipe": asdict(recipe),
-        "method_config": method.describe(),
-        "history": history,
+        **run_details(backbone, model, method, settings, precision, history),
     }
-    if delta_bytes is not None and settings.out:
-        write_atomic(settings.out, delta_bytes)
-    if settings.report:
-        write_atomic(settings.report, (json.dumps(report, indent=2) + "\n").encode())
+    write_outputs(report, delta_bytes, settings)
     return TrainResult(report, delta_bytes, model)
 
 

@@ -155,6 +155,31 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def run_details(backbone: Backbone, model: DeltaModel, method: Method, settings: TrainSettings, precision: str,
+                history: list[dict]) -> dict:
+    """The report's closing keys, the same for every task type: what ran, where, how, and epoch by epoch."""
+    return {
+        "backbone": backbone.name,
+        "backbone_fingerprint": backbone.fingerprint,
+        "device": str(model.device),
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
+        "settings": asdict(settings),
+        "recipe": asdict(method.recipe),
+        "method_config": method.describe(),
+        "history": history,
+    }
+
+
+def write_outputs(report: dict, delta_bytes: bytes | None, settings: TrainSettings) -> None:
+    """What a run writes: the delta to `--out` (when the method exports one) and the JSON report to
+    `--report`, each atomically (`--push` is the command line's, after this)."""
+    if delta_bytes is not None and settings.out:
+        write_atomic(settings.out, delta_bytes)
+    if settings.report:
+        write_atomic(settings.report, (json.dumps(report, indent=2) + "\n").encode())
+
+
 def resolve_pooling(settings: TrainSettings, backbone: Backbone) -> str:
     """The delta's `pooling`: the flag, else what the backbone was trained with, else `cls`
     (token classification reads every token: always `cls`, never written)."""
@@ -523,20 +548,9 @@ def train(settings: TrainSettings, method: Method, backbone: Backbone | None = N
         "eval_examples": len(eval_data),
         "labels": list(served_labels),
         "data_labels": labels,
-        "backbone": backbone.name,
-        "backbone_fingerprint": backbone.fingerprint,
-        "device": str(model.device),
-        "precision": precision,
-        "torch_threads": torch.get_num_threads(),
-        "settings": asdict(settings),
-        "recipe": asdict(recipe),
-        "method_config": method.describe(),
-        "history": history,
+        **run_details(backbone, model, method, settings, precision, history),
     }
-    if best_bytes is not None and settings.out:
-        write_atomic(settings.out, best_bytes)
-    if settings.report:
-        write_atomic(settings.report, (json.dumps(report, indent=2) + "\n").encode())
+    write_outputs(report, best_bytes, settings)
     return TrainResult(report, best_bytes, model)
 
 
