@@ -28,6 +28,19 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
+class StartWatch:
+    """A `send` that notes whether the response has started: once its head is out, a middleware that
+    catches the app's failure can no longer answer in its place (ShutdownMiddleware, InternalErrorMiddleware)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class HttpMiddleware:
     """Plain ASGI middleware that acts on HTTP requests only (lifespan and websocket pass through)."""
 
@@ -156,18 +169,12 @@ class ShutdownMiddleware(HttpMiddleware):
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watch(message: MutableMapping[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watched = StartWatch(send)
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, receive, watched)
         except asyncio.CancelledError:
             server: Server | None = getattr(scope["app"].state, "server", None)
-            if started or server is None or not server.draining:
+            if watched.started or server is None or not server.draining:
                 raise
             response = error_response(503, "the server is shutting down; this request was cut at the end of "
                                            "its grace", {"Retry-After": "5"}, path=scope["path"])
@@ -249,17 +256,11 @@ class InternalErrorMiddleware(HttpMiddleware):
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watch(message: MutableMapping[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watched = StartWatch(send)
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, receive, watched)
         except Exception as exc:
-            if started:  # half a response is out: only closing the connection can tell the client
+            if watched.started:  # half a response is out: only closing the connection can tell the client
                 raise
             response = await handle(Request(scope), exc)
             await response(scope, receive, send)
