@@ -157,6 +157,18 @@ def test_train_takes_a_token_file_and_checks_it_first(tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
 
 
+def test_push_without_a_name_is_refused_before_the_work(tmp_path, capsys):
+    """`train` and `import-finetuned` check --push the same way (training.cli.push_token), with the same words."""
+    train = ["train", "--method", "lora", "--task-type", "sequence-classification", "--train", "x.tsv",
+             "--eval", "y.tsv", "--push", "http://127.0.0.1:9"]
+    imported = ["import-finetuned", str(tmp_path / "missing"), "--out", str(tmp_path / "d.safetensors"),
+                "--push", "http://127.0.0.1:9"]
+    for argv in (train, imported):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == "error: --push needs --name\n"
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_every_variable_the_documents_name_exists():
     """Each DELTASERVE_* that README.md, docs/, the Dockerfile and the compose files name is a setting's variable
     or one read elsewhere (OTHER_VARIABLES): no document teaches a variable the server would ignore."""

@@ -72,9 +72,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                        "order (the data's labels sorted), e.g. negative,positive for SST-2's 0,1")
     train.add_argument("--out", help="write the best epoch's delta here (.safetensors)")
     train.add_argument("--report", help="write a JSON report here")
-    train.add_argument("--push", metavar="URL", help="upload the delta to a running server")
-    train.add_argument("--name", help="task name for --push")
-    add_token_flags(train)  # --token, --token-file for --push
+    add_push_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_all_arguments(train)
     train.set_defaults(func=run_train)
@@ -109,9 +107,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     fin.add_argument("--description", default="")
     fin.add_argument("--report", help="write the full JSON report here")
     fin.add_argument("--force", action="store_true", help="write the delta even below the gate")
-    fin.add_argument("--push", metavar="URL", help="upload the delta to a running server")
-    fin.add_argument("--name", help="task name for --push")
-    add_token_flags(fin)  # --token, --token-file for --push
+    add_push_flags(fin)
     fin.set_defaults(func=run_import_finetuned)
 
     exp = subparsers.add_parser(
@@ -127,6 +123,24 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     exp.set_defaults(func=run_export)
 
 
+def add_push_flags(parser: argparse.ArgumentParser) -> None:
+    """`--push URL` and `--name`, with `--token`/`--token-file`: upload the delta the command makes to a running
+    server (`push_token` checks them)."""
+    parser.add_argument("--push", metavar="URL", help="upload the delta to a running server")
+    parser.add_argument("--name", help="task name for --push")
+    add_token_flags(parser)
+
+
+def push_token(args: argparse.Namespace) -> str | None:
+    """The admin token `--push` sends (None without --push); a ValueError, with the message to show, when
+    --push lacks --name or the token flags are wrong. Called before the work, not after it."""
+    if not args.push:
+        return None
+    if not args.name:
+        raise ValueError("--push needs --name")
+    return client_token(args.token, args.token_file)
+
+
 def run_train(args: argparse.Namespace) -> int:
     from training.trainer import TrainSettings, train
 
@@ -134,11 +148,8 @@ def run_train(args: argparse.Namespace) -> int:
         print("error: finetune trains every weight (embeddings and LayerNorms too), which no task delta can "
               "hold; it only writes --report as the yardstick. Drop --out/--push.", file=sys.stderr)
         return 2
-    if args.push and not args.name:
-        print("error: --push needs --name", file=sys.stderr)
-        return 2
     try:  # checked before the work, not after it
-        token = client_token(args.token, args.token_file) if args.push else None
+        token = push_token(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -195,11 +206,8 @@ def run_import_finetuned(args: argparse.Namespace) -> int:
     from training.finetuned_import import ImportFinetunedError, import_finetuned, read_calibration
     from training.trainer import write_atomic
 
-    if args.push and not args.name:
-        print("error: --push needs --name", file=sys.stderr)
-        return 2
     try:  # checked before the work, not after it
-        token = client_token(args.token, args.token_file) if args.push else None
+        token = push_token(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
