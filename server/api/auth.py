@@ -21,7 +21,6 @@ the write.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Security
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from adapters_store.store import TaskNotFound
 from server.api.deps import get_server
+from server.api.openapi import edit_operations
 from server.service import Server
 from server.settings import Settings
 from server.tenants import Caller, key_hash
@@ -135,17 +135,8 @@ def credential_required(settings: Settings, method: str, path: str) -> bool:
 def document_security(app: FastAPI, settings: Settings) -> None:
     """Mark the bearer credential optional (OpenAPI's empty requirement `{}`) on the operations this server
     answers without one: e.g. reading and predicting when it has no API key nor tenants."""
-    generate: Callable[[], dict[str, Any]] = app.openapi
+    def optional_where_not_required(path: str, method: str, operation: dict[str, Any]) -> None:
+        if "security" in operation and not credential_required(settings, method, path):
+            operation["security"].append({})
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()
-        for path, operations in schema.get("paths", {}).items():
-            for method, operation in operations.items():
-                if "security" in operation and not credential_required(settings, method, path):
-                    operation["security"].append({})
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    edit_operations(app, optional_where_not_required)

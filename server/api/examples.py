@@ -11,12 +11,12 @@ examples" one test over the generated schema.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 
 from server.api.errors import error_body
+from server.api.openapi import edit_operations
 
 FINGERPRINT = "sha256:de66bc42eb878235190694c1d73c5823"
 
@@ -259,37 +259,29 @@ def _media_examples(content: dict[str, Any], example: Any, more: dict[str, Any] 
 
 def add_examples(app: FastAPI) -> None:
     """Make `app.openapi()` return the generated schema with the examples above filled in."""
-    generate: Callable[[], dict[str, Any]] = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()
-        for path, operations in schema.get("paths", {}).items():
-            for method, operation in operations.items():
-                known = EXAMPLES.get((method, path), {})
-                body = operation.get("requestBody", {}).get("content", {})
-                if "request" in known:
-                    _media_examples({k: v for k, v in body.items() if "json" in k}, known["request"],
-                                    MORE.get((method, path, "request")))
-                responses = operation.setdefault("responses", {})
-                for status in sorted(known.keys() - responses.keys() - {"request"}):  # e.g. PUT's 200 "replaced"
-                    twin = next((r for s, r in responses.items() if s.startswith("2") and "content" in r), {})
-                    responses[status] = {"description": DESCRIPTIONS.get((method, path, status), "Successful Response"),
-                                         "content": copy.deepcopy(twin.get("content", {}))}
-                for status, response in responses.items():
-                    if status in known:
-                        content = response.setdefault("content", {})
-                        if isinstance(known[status], str):  # a text answer (/metrics)
-                            content.pop("application/json", None)
-                            content.setdefault("text/plain", {"schema": {"type": "string"}})
-                        elif not content:
-                            content["application/json"] = {}
-                        _media_examples(content, known[status], MORE.get((method, path, status)))
-                    elif status in ERRORS and "content" in response:
-                        # in the protocol's own shape (OpenAI's, TEI's, {"error"}, {"detail"})
-                        _media_examples(response["content"], error_body(int(status), ERRORS[status], path)[1], None)
-        app.openapi_schema = schema
-        return schema
+    def fill_in(path: str, method: str, operation: dict[str, Any]) -> None:
+        known = EXAMPLES.get((method, path), {})
+        body = operation.get("requestBody", {}).get("content", {})
+        if "request" in known:
+            _media_examples({k: v for k, v in body.items() if "json" in k}, known["request"],
+                            MORE.get((method, path, "request")))
+        responses = operation.setdefault("responses", {})
+        for status in sorted(known.keys() - responses.keys() - {"request"}):  # e.g. PUT's 200 "replaced"
+            twin = next((r for s, r in responses.items() if s.startswith("2") and "content" in r), {})
+            responses[status] = {"description": DESCRIPTIONS.get((method, path, status), "Successful Response"),
+                                 "content": copy.deepcopy(twin.get("content", {}))}
+        for status, response in responses.items():
+            if status in known:
+                content = response.setdefault("content", {})
+                if isinstance(known[status], str):  # a text answer (/metrics)
+                    content.pop("application/json", None)
+                    content.setdefault("text/plain", {"schema": {"type": "string"}})
+                elif not content:
+                    content["application/json"] = {}
+                _media_examples(content, known[status], MORE.get((method, path, status)))
+            elif status in ERRORS and "content" in response:
+                # in the protocol's own shape (OpenAI's, TEI's, {"error"}, {"detail"})
+                _media_examples(response["content"], error_body(int(status), ERRORS[status], path)[1], None)
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    edit_operations(app, fill_in)
