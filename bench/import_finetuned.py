@@ -20,91 +20,172 @@ import argparse
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from server.backbone import Backbone, packaged_model_path
-from training.data import read_examples
-from training.finetuned_import import engine_logits, import_finetuned, transformers_logits
+from server.backbone import Backbone, EncodedText, packaged_model_path
+from training.data import Example, batches, encode, read_examples
+from training.finetuned_import import engine_logits, import_finetuned, read_calibration, transformers_logits
+from training.metrics import accuracy, binary_f1, entity_f1
 
 
-def _sst2(data: Path, split: str) -> list[tuple[str, int]]:
-    """SST-2's `split` from `data`/sst2/ (GLUE's TSV: sentence, label)."""
-    return [(e.text, int(e.label)) for e in read_examples(data / "sst2" / f"{split}.tsv",  # type: ignore[misc]
-                                                           "sequence-classification")]
+@dataclass(frozen=True)
+class BenchTask:
+    """One data set of the table: where it lives, what model class it needs, its metric."""
+
+    name: str
+    task_type: str
+    train: str
+    dev: str
+    labels: tuple[str, ...]  # names in class-id order (the files' own label strings)
+    max_length: int
 
 
-def finetune(data: Path, out_dir: Path, train_rows: int, epochs: int, seed: int, lr: float) -> None:
-    from transformers import AutoTokenizer, BertForSequenceClassification
+TASKS = {
+    "sst2": BenchTask("sst2", "sequence-classification", "sst2/train.tsv", "sst2/dev.tsv", ("0", "1"), 64),
+    "mrpc": BenchTask("mrpc", "sequence-classification", "mrpc/train.tsv", "mrpc/dev.tsv", ("0", "1"), 128),
+    "conll": BenchTask("conll", "token-classification", "conll2003/train.txt", "conll2003/dev.txt",
+                       ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"), 64),
+}
+LABEL_NAMES = {"sst2": ("negative", "positive"), "mrpc": ("not_equivalent", "equivalent")}
+
+
+def _examples(data: Path, task: BenchTask, split: str) -> list[Example]:
+    return read_examples(data / (task.train if split == "train" else task.dev), task.task_type)
+
+
+def _checkpoint(out_dir: Path, task: BenchTask) -> Path:
+    return out_dir / f"{task.name}-finetuned"
+
+
+def _calibration_text(example: Example) -> str:
+    """One line of a calibration file: a text, a tab-separated pair, or a token task's words joined."""
+    if isinstance(example.text, tuple):
+        return " ".join(example.text)
+    return f"{example.text}\t{example.pair}" if example.pair is not None else example.text
+
+
+def finetune(data: Path, out_dir: Path, task: BenchTask, train_rows: int, epochs: int, seed: int,
+             lr: float) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     torch.manual_seed(seed)
-    rows = _sst2(data, "train")
+    rows = _examples(data, task, "train")
     random.Random(seed).shuffle(rows)
     train = rows[:train_rows]
-    source = packaged_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = BertForSequenceClassification.from_pretrained(
-        source, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    backbone = Backbone.load(device="cpu")
+    encoded = encode(train, backbone, task.labels, task.task_type, task.max_length)
+    names = LABEL_NAMES.get(task.name, task.labels)
+    auto = (AutoModelForTokenClassification if task.task_type == "token-classification"
+            else AutoModelForSequenceClassification)
+    model = auto.from_pretrained(packaged_model_path(), num_labels=len(names), id2label=dict(enumerate(names)),
+                                 label2id={n: i for i, n in enumerate(names)})
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * ((len(train) + 31) // 32)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: max(0.0, 1 - step / steps))
     started = time.perf_counter()
     model.train()
     for epoch in range(epochs):
-        random.Random(seed + epoch).shuffle(train)
-        for start in range(0, len(train), 32):
-            chunk = train[start:start + 32]
-            batch = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=64,
-                              return_tensors="pt")
-            loss = model(**batch, labels=torch.tensor([y for _, y in chunk])).loss
+        for _, batch in batches(encoded, 32, backbone.pad_id, shuffle=True, rng=random.Random(seed + epoch)):
+            batch.pop("special_tokens_mask", None)
+            loss = model(**batch).loss
             loss.backward()
             optimiser.step()
             schedule.step()
             optimiser.zero_grad()
         print(f"epoch {epoch + 1}: loss {float(loss):.3f}, {time.perf_counter() - started:.0f} s", flush=True)
-    model.eval().save_pretrained(out_dir / "sst2-finetuned")
-    tokenizer.save_pretrained(out_dir / "sst2-finetuned")
-    (out_dir / "sst2-finetuned" / "training.json").write_text(json.dumps(
-        {"train_rows": train_rows, "epochs": epochs, "seed": seed, "lr": lr, "max_length": 64,
-         "seconds": time.perf_counter() - started}))
-    calibration = [t for t, _ in rows[train_rows:train_rows + 256]]
-    (out_dir / "calibration.txt").write_text("\n".join(calibration) + "\n")
+    folder = _checkpoint(out_dir, task)
+    model.eval().save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps(
+        {"task": task.name, "train_rows": train_rows, "epochs": epochs, "seed": seed, "lr": lr,
+         "max_length": task.max_length, "seconds": time.perf_counter() - started}))
+    calibration = [_calibration_text(e) for e in rows[train_rows:train_rows + 256]]
+    (out_dir / f"{task.name}-calibration.txt").write_text("\n".join(calibration) + "\n")
 
 
-def _accuracy(logits: list[torch.Tensor], labels: list[int]) -> float:
-    return sum(int(row.argmax()) == y for row, y in zip(logits, labels, strict=True)) / len(labels)
+def _dev_inputs(backbone: Backbone, task: BenchTask, examples: list[Example]) -> list[EncodedText]:
+    """The dev set tokenised as the server tokenises it; a token task's words split as the data splits them."""
+    if task.task_type != "token-classification":
+        return backbone.encode([(e.text, e.pair) if e.pair is not None else e.text for e in examples])  # type: ignore[misc]
+    encoded = []
+    for e in examples:
+        enc = backbone.tokenizer(list(e.text), is_split_into_words=True, truncation=True,
+                                 max_length=backbone.max_length, return_special_tokens_mask=True)
+        n = len(enc["input_ids"])
+        types = enc.get("token_type_ids") if backbone.uses_token_types else None
+        encoded.append(EncodedText(list(enc["input_ids"]), list(types) if types is not None else None,
+                                   [(0, 0)] * n, list(enc.word_ids()), list(enc.sequence_ids()),
+                                   list(enc["special_tokens_mask"])))
+    return encoded
 
 
-def measure(data: Path, out_dir: Path, budgets: list[int], json_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
+def _word_labels(logits: torch.Tensor, text: EncodedText, words: int) -> list[int]:
+    """Each word's class from its first sub-token (-1 where truncation dropped the word)."""
+    labels = [-1] * words
+    for position, word in enumerate(text.word_ids):
+        if word is not None and labels[word] == -1:
+            labels[word] = int(logits[position].argmax())
+    return labels
 
-    checkpoint = out_dir / "sst2-finetuned"
-    dev = _sst2(data, "dev")
-    calibration = [line for line in (out_dir / "calibration.txt").read_text().splitlines() if line.strip()]
+
+def _score(task: BenchTask, examples: list[Example], texts: list[EncodedText], logits: list[torch.Tensor]
+           ) -> tuple[dict[str, float], list]:
+    """The task's dev metrics, and each answer's labels (for agreement)."""
+    if task.task_type == "token-classification":
+        predicted = [_word_labels(row, text, len(e.text)) for row, text, e in zip(logits, texts, examples, strict=True)]
+        names = [[task.labels[i] if i >= 0 else "O" for i in words] for words in predicted]
+        f1 = entity_f1([list(e.label) for e in examples], names)["f1"]  # type: ignore[arg-type]
+        return {"entity_f1": f1}, predicted
+    predicted = [int(row.argmax()) for row in logits]
+    gold = [task.labels.index(str(e.label)) for e in examples]
+    metrics = {"accuracy": accuracy(gold, predicted)}
+    if task.name == "mrpc":
+        metrics["f1"] = binary_f1(gold, predicted)
+    return metrics, predicted
+
+
+def _agreement(a: list, b: list) -> float:
+    if a and isinstance(a[0], list):  # per word
+        pairs = [(x, y) for words_a, words_b in zip(a, b, strict=True) for x, y in zip(words_a, words_b, strict=True)]
+    else:
+        pairs = list(zip(a, b, strict=True))
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def measure(data: Path, out_dir: Path, task: BenchTask, budgets: list[int], json_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    checkpoint = _checkpoint(out_dir, task)
+    dev = _examples(data, task, "dev")
+    calibration = read_calibration(out_dir / f"{task.name}-calibration.txt")
     backbone = Backbone.load(device="cpu")
-    texts = backbone.encode([t for t, _ in dev])
-    original = transformers_logits(AutoModelForSequenceClassification.from_pretrained(checkpoint).eval(),
-                                   backbone, texts)
-    labels = [y for _, y in dev]
+    texts = _dev_inputs(backbone, task, dev)
+    auto = (AutoModelForTokenClassification if task.task_type == "token-classification"
+            else AutoModelForSequenceClassification)
+    original = transformers_logits(auto.from_pretrained(checkpoint).eval(), backbone, texts)
+    original_metrics, original_labels = _score(task, dev, texts, original)
+    metric = next(iter(original_metrics))
     checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.glob("model.safetensors"))
-    results = {"checkpoint": json.loads((checkpoint / "training.json").read_text()),
-               "checkpoint_file_bytes": checkpoint_bytes, "original_dev_accuracy": _accuracy(original, labels),
+    results = {"task": task.name, "checkpoint": json.loads((checkpoint / "training.json").read_text()),
+               "checkpoint_file_bytes": checkpoint_bytes, "metric": metric, "original": original_metrics,
                "dev_rows": len(dev), "calibration_texts": len(calibration), "imports": []}
-    print(f"original: {results['original_dev_accuracy']:.4f}", flush=True)
+    print(f"original: {original_metrics}", flush=True)
     for budget in budgets:
         result = import_finetuned(checkpoint, Backbone.load(device="cpu"), calibration=calibration,
                                   budget_bytes=budget)
         served = engine_logits(result.data, Backbone.load(device="cpu"), texts)
-        agreement = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(original, served, strict=True))
+        served_metrics, served_labels = _score(task, dev, texts, served)
         report = result.report()
         entry = {"budget_bytes": budget, "delta_bytes": len(result.data),
                  "fraction_of_checkpoint": len(result.data) / checkpoint_bytes,
-                 "served_dev_accuracy": _accuracy(served, labels), "dev_label_agreement": agreement / len(dev),
+                 "served": served_metrics, "dev_label_agreement": _agreement(original_labels, served_labels),
                  "import_seconds": report["seconds"], "import_cpu_seconds": report["cpu_seconds"],
                  "calibration_fidelity": report["fidelity"], "passed_gate": report["passed"],
-                 "representations": report["representations"], "carried_ceiling": report["carried_ceiling"],
-                 "not_carried": report["not_carried"],
+                 "representations": report["representations"], "carried": report["carried"],
+                 "carried_ceiling": report["carried_ceiling"], "not_carried": report["not_carried"],
                  "modules": [{k: m[k] for k in ("module", "representation", "rank", "sparse_entries", "bytes",
                                                  "relative_error")} for m in report["modules"]]}
         results["imports"].append(entry)
@@ -172,6 +253,7 @@ def table(sst2_json: Path, lora_json: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.import_finetuned")
     parser.add_argument("step", choices=("finetune", "measure", "lora", "table"))
+    parser.add_argument("--task", choices=sorted(TASKS), default="sst2")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/import-bench"))
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=2)
@@ -184,11 +266,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="folder with sst2/train.tsv and dev.tsv")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    task = TASKS[args.task]
     if args.step == "finetune":
-        finetune(args.data, args.out_dir, args.train_rows, args.epochs, args.seed, args.lr)
+        finetune(args.data, args.out_dir, task, args.train_rows, args.epochs, args.seed, args.lr)
     elif args.step == "measure":
         budgets = [int(b) for b in args.budgets.split(",")]
-        measure(args.data, args.out_dir, budgets, args.json or Path("results/import/sst2.json"))
+        measure(args.data, args.out_dir, task, budgets, args.json or Path(f"results/import/{task.name}.json"))
     elif args.step == "table":
         print(table(args.json or Path("results/import/sst2.json"), Path("results/import/merged-lora.json")))
     else:

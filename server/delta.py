@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from adapters_store.format import DeltaMeta, TaskDelta, TaskHead, parse_delta
 from server.backbone import Backbone
 from server.parts import HEAD_KEEP, ModuleParts, PrepareContext, prepare_part
+from server.parts.norms import PreparedNorm, PreparedShift
 from server.parts.pasta import PreparedPasta
 from server.parts.task_head import PreparedTaskHead
 
@@ -35,6 +36,8 @@ class PreparedDelta:
     head: PreparedTaskHead
     modules: dict[str, ModuleParts] = field(default_factory=dict)
     pasta: PreparedPasta | None = None
+    norms: dict[str, PreparedNorm] = field(default_factory=dict)  # LayerNorm module -> δγ, δβ
+    embedding_shift: PreparedShift | None = None
     load_seconds: float = 0.0
     backend: str = "cpu"
     # The parsed delta, kept only when asked (`keep_source`): the benchmark's baselines build dense weights
@@ -53,6 +56,8 @@ class PreparedDelta:
     def nbytes(self) -> int:
         """Bytes this task keeps resident on the device."""
         total = self.head.nbytes + (self.pasta.nbytes if self.pasta else 0)
+        total += sum(norm.nbytes for norm in self.norms.values())
+        total += self.embedding_shift.nbytes if self.embedding_shift else 0
         return total + sum(parts.nbytes for parts in self.modules.values())
 
 
@@ -83,6 +88,10 @@ def prepare(delta: TaskDelta, backbone: Backbone, name: str, version: int, backe
         head=PreparedTaskHead(delta.head, backbone.device, backbone.dtype, delta.meta),
         modules=modules,
         pasta=PreparedPasta(delta.pasta, backbone.device, backbone.dtype) if delta.pasta is not None else None,
+        norms={module: PreparedNorm(norm, backbone.layer_norms[module], backbone.device, backbone.dtype)
+               for module, norm in delta.norms.items()},
+        embedding_shift=(PreparedShift(delta.embedding_shift, backbone.device, backbone.dtype)
+                         if delta.embedding_shift is not None else None),
         backend=backend,
         source=delta if keep_source else None,
     )

@@ -31,6 +31,7 @@ from torch import nn
 from server.backbone import Backbone, EncodedText
 from server.backends import Backend, Segment, create_backend
 from server.delta import PreparedDelta
+from server.parts.norms import NormBatch
 from server.parts.pasta import PastaBatch
 
 
@@ -64,6 +65,7 @@ class Planned:
     batch: Batch | None
     plans: dict[str, Any]
     pasta: PastaBatch | None
+    norms: NormBatch | None = None
 
 
 class Engine:
@@ -72,10 +74,16 @@ class Engine:
         self.backend: Backend = create_backend(backend or backbone.backend, backbone)
         self._lock = threading.Lock()
         self._pasta: PastaBatch | None = None
+        self._norms: NormBatch | None = None
         self._hooks = backbone.add_layer_input_hooks(backbone.layers, self._add_pasta)
+        for name in backbone.layer_norms:  # LayerNorm deltas and the embedding shift (server/parts/norms.py)
+            module = backbone.model.get_submodule(name)
+            self._hooks.append(module.register_forward_hook(self._after_norm_hook(name)))
+            if name == backbone.embedding_norm:
+                self._hooks.append(module.register_forward_pre_hook(self._shift_embeddings))
 
     def detach(self) -> None:
-        """Remove this engine's PASTA hooks from the backbone (an engine given up for another one)."""
+        """Remove this engine's hooks from the backbone (an engine given up for another one)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -108,7 +116,9 @@ class Engine:
         plans = self.backend.plan(batch.segments, batch.input_ids.shape[1])
         pasta = PastaBatch.build([rows[i].text.special_tokens_mask for i in batch.order],
                                  [(s, e, d.pasta) for s, e, d in batch.segments], self.backbone.device)
-        return Planned(len(rows), batch, plans, pasta)
+        norms = NormBatch.build([(s, e, d.norms, d.embedding_shift) for s, e, d in batch.segments
+                                 if d.norms or d.embedding_shift is not None], batch.inputs, self.backbone.hidden_size)
+        return Planned(len(rows), batch, plans, pasta, norms)
 
     @torch.inference_mode()
     def run(self, planned: Planned) -> list[torch.Tensor]:
@@ -129,11 +139,11 @@ class Engine:
         `run` without the heads (what a benchmark's run-only side times against `run_dense`)."""
         assert planned.batch is not None
         with self._lock, self.backend.activate(planned.plans):
-            self._pasta = planned.pasta
+            self._pasta, self._norms = planned.pasta, planned.norms
             try:
                 return self._run_backbone(planned.batch)
             finally:
-                self._pasta = None
+                self._pasta = self._norms = None
 
     @torch.inference_mode()
     def forward_dense(self, texts: Sequence[EncodedText]) -> torch.Tensor:
@@ -188,3 +198,15 @@ class Engine:
         """The layers' pre-hook (installed through `Backbone.add_layer_input_hooks`): PASTA of this batch."""
         pasta = self._pasta
         return None if pasta is None else pasta.add_before_layer(layer, hidden)
+
+    def _after_norm_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._norms is not None:
+                self._norms.after_norm(name, module, args[0], output)  # type: ignore[arg-type]
+
+        return hook
+
+    def _shift_embeddings(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._norms is None or self._norms.shift is None:
+            return None
+        return (self._norms.before_embedding_norm(args[0]), *args[1:])

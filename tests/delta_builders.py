@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from adapters_store.packing import pack_bits
 from server.backbone import Backbone
 
-ALL_PARTS = ("keep", "lora", "sparse", "head_keep", "pasta")
+ALL_PARTS = ("keep", "lora", "sparse", "bias", "head_keep", "pasta")
 
 
 def build_delta(
@@ -72,6 +72,19 @@ def build_delta(
             k = min(40, out * inp)
             tensors[f"{name}.sparse_index"] = torch.randperm(out * inp, generator=gen)[:k].to(torch.int64)
             tensors[f"{name}.sparse_value"] = torch.randn(k, generator=gen)
+        if "bias" in parts:
+            for part in (layout.ffn_in, layout.attention_output):
+                name, (out, _) = module(layer, part)
+                tensors[f"{name}.bias_delta"] = torch.randn(out, generator=gen) * 0.5
+    if "norms" in parts:  # every layer's last LayerNorm; the embedding shift over the first 6 positions
+        for layer in range(layers):
+            name = f"{layout.layers}.{layer}.output.LayerNorm"
+            if name in backbone.layer_norms:
+                tensors[f"{name}.norm_weight_delta"] = torch.randn(d, generator=gen) * 0.2
+                tensors[f"{name}.norm_bias_delta"] = torch.randn(d, generator=gen) * 0.2
+        tensors["embeddings.position_delta"] = torch.randn(6, d, generator=gen) * 0.5
+        if backbone.type_vocab_size:
+            tensors["embeddings.token_type_delta"] = torch.randn(backbone.type_vocab_size, d, generator=gen) * 0.5
     if "head_keep" in parts:
         keep = torch.ones(backbone.num_heads, dtype=torch.uint8)
         keep[1] = 0

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from adapters_store.format import (
+    BiasDelta,
     DeltaMeta,
+    EmbeddingShift,
     HeadKeep,
     KeepMask,
     LowRank,
+    NormDelta,
     PastaVectors,
     SparseUpdate,
     TaskDelta,
@@ -17,7 +20,7 @@ from adapters_store.format import (
 from adapters_store.packing import pack_bits
 from server.backbone import Backbone
 
-ALL_PARTS = ("keep", "low_rank", "sparse", "head_keep", "pasta", "pooler")
+ALL_PARTS = ("keep", "low_rank", "sparse", "bias", "norms", "head_keep", "pasta", "pooler")
 
 
 def make_delta(
@@ -41,6 +44,7 @@ def make_delta(
     """`task_type="embedding"` has no classifier: `projection` = D adds head.projection.* [D, d]."""
     gen = torch.Generator().manual_seed(seed)
     d = backbone.hidden_size
+    parts_wanted = parts
 
     def randn(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(dtype)
@@ -48,7 +52,7 @@ def make_delta(
     targets = modules if modules is not None else [
         name for i, name in enumerate(sorted(backbone.linear_modules)) if (i + seed) % 2 == 0
     ]
-    keep, low_rank, sparse, head_keep = {}, {}, {}, {}
+    keep, low_rank, sparse, bias, head_keep = {}, {}, {}, {}, {}
     for name in targets:
         out_f, in_f = backbone.linear_modules[name]
         if "keep" in parts:
@@ -59,6 +63,8 @@ def make_delta(
         if "sparse" in parts:
             index = torch.randperm(out_f * in_f, generator=gen)[:16].to(torch.int64)
             sparse[name] = SparseUpdate(name, (out_f, in_f), index, randn(16) * 10)
+        if "bias" in parts:
+            bias[name] = BiasDelta(name, randn(out_f) * 10)
     if "head_keep" in parts:
         for layer in range(backbone.num_layers):
             if (layer + seed) % 2 == 0:
@@ -87,4 +93,11 @@ def make_delta(
         pooling=pooling,
         normalize=normalize,
     )
-    return TaskDelta.from_parts(meta, head, [*keep.values(), *low_rank.values(), *sparse.values()], head_keep, pasta)
+    parts = [*keep.values(), *low_rank.values(), *sparse.values(), *bias.values()]
+    norms, shift = [], None
+    if "norms" in parts_wanted:  # every other LayerNorm, and the embedding shift over a few positions
+        norms = [NormDelta(name, randn(width) * 10, randn(width) * 10 if i % 3 else None)
+                 for i, (name, width) in enumerate(sorted(backbone.layer_norms.items())) if (i + seed) % 2 == 0]
+        types = randn(backbone.type_vocab_size, d) * 10 if backbone.type_vocab_size else None
+        shift = EmbeddingShift(randn(5, d) * 10, types)
+    return TaskDelta.from_parts(meta, head, parts, head_keep, pasta, norms, shift)

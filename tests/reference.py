@@ -1,9 +1,11 @@
 """The independent reference: a task's effective weights materialised in a private model copy.
 
 Slow and obvious on purpose. For a task it deep-copies the untouched model, writes
-W' = W ⊙ K + B·A + S into every linear weight, zeroes the input columns of pruned heads in the
-attention output projection, adds PASTA vectors with a forward pre-hook whose special-token
-slots are counted in plain Python, and runs each text alone (no padding, batch of one).
+W' = W ⊙ K + B·A + S into every linear weight and b' = b + δb into its bias, zeroes the input
+columns of pruned heads in the attention output projection, adds PASTA vectors with a forward
+pre-hook whose special-token slots are counted in plain Python, and runs each text alone (no
+padding, batch of one). LayerNorm deltas are added to the copy's LayerNorm weights and biases;
+the embedding shift is added by a pre-hook on the embeddings' LayerNorm, position by position.
 Special tokens are those the tokenizer inserted (task-delta.md, amended): here, the tokens
 whose `sequence_ids` entry is None, i.e. that belong to neither text. Mean pooling is the plain
 mean over the lone text's positions (no padding to leave out), and an embedding's vector is
@@ -40,6 +42,12 @@ class ReferenceTask:
                     part = delta.sparse[name]
                     weight.view(-1)[part.index] += part.value.float()
                 linear.weight.copy_(weight)
+                if name in delta.bias:
+                    delta_b = delta.bias[name].delta.float()
+                    if linear.bias is None:
+                        linear.bias = torch.nn.Parameter(delta_b.clone())
+                    else:
+                        linear.bias.add_(delta_b)
             num_heads = len(next(iter(delta.head_keep.values())).keep) if delta.head_keep else 1
             for layer, head_keep in delta.head_keep.items():
                 out_proj = self.model.get_submodule(f"{layout.layers}.{layer}.{layout.attention_output}")
@@ -47,11 +55,34 @@ class ReferenceTask:
                 for head, kept in enumerate(head_keep.keep.tolist()):
                     if not kept:
                         out_proj.weight[:, head * head_dim : (head + 1) * head_dim] = 0.0
+            for name, norm in delta.norms.items():
+                module = self.model.get_submodule(name)
+                if norm.weight is not None:
+                    module.weight += norm.weight.float()
+                if norm.bias is not None:
+                    module.bias += norm.bias.float()
+        self._token_types: list[int] = []
+        if delta.embedding_shift is not None:
+            embedding_norm = next(module for name, module in self.model.named_modules()
+                                  if name.startswith("embeddings.") and isinstance(module, torch.nn.LayerNorm))
+            embedding_norm.register_forward_pre_hook(self._shift_hook(delta.embedding_shift))
         self._slots: list[int] = []
         if delta.pasta is not None:
             vectors = delta.pasta.vectors.float()
             for index, layer in enumerate(self.model.get_submodule(layout.layers)):
                 layer.register_forward_pre_hook(self._pasta_hook(vectors[index]), with_kwargs=True)
+
+    def _shift_hook(self, shift):
+        def hook(module, args):
+            summed = args[0].clone()
+            for position, token_type in enumerate(self._token_types):
+                if shift.position is not None and position < shift.position.shape[0]:
+                    summed[0, position] += shift.position[position].float()
+                if shift.token_type is not None:
+                    summed[0, position] += shift.token_type[token_type].float()
+            return (summed, *args[1:])
+
+        return hook
 
     def _pasta_hook(self, layer_vectors: torch.Tensor):
         def hook(module, args, kwargs):
@@ -76,6 +107,7 @@ class ReferenceTask:
             else:
                 slots.append(-1)
         self._slots = slots
+        self._token_types = list(text.token_type_ids or [0] * len(text.input_ids))
         kwargs = {"input_ids": torch.tensor([text.input_ids])}
         if text.token_type_ids is not None:
             kwargs["token_type_ids"] = torch.tensor([text.token_type_ids])

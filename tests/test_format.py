@@ -15,6 +15,7 @@ from tests.factories import ALL_PARTS, make_delta
 
 Q = "encoder.layer.0.attention.self.query"  # [32, 32] on the tiny BERT
 FFN = "encoder.layer.1.intermediate.dense"  # [64, 32]
+LN = "encoder.layer.0.output.LayerNorm"  # [32]
 
 
 @pytest.fixture
@@ -127,6 +128,26 @@ def _mutations():
         ("sparse length mismatch", f"{Q}.sparse_value",
          lambda t: t.update({f"{Q}.sparse_value": t[f"{Q}.sparse_value"][:-1].clone()})),
         ("sparse NaN", f"{Q}.sparse_value", lambda t: t[f"{Q}.sparse_value"].__setitem__(0, float("nan"))),
+        ("bias delta shape", f"{Q}.bias_delta", lambda t: t.update({f"{Q}.bias_delta": torch.zeros(31)})),
+        ("bias delta 2-D", f"{Q}.bias_delta", lambda t: t.update({f"{Q}.bias_delta": torch.zeros(1, 32)})),
+        ("bias delta int", f"{Q}.bias_delta",
+         lambda t: t.update({f"{Q}.bias_delta": torch.zeros(32, dtype=torch.int64)})),
+        ("bias delta NaN", f"{Q}.bias_delta", lambda t: t[f"{Q}.bias_delta"].__setitem__(0, float("nan"))),
+        ("bias delta too large", f"{Q}.bias_delta", lambda t: t[f"{Q}.bias_delta"].__setitem__(0, 1e6)),
+        ("bias delta unknown module", "encoder.layer.9.output.dense.bias_delta",
+         lambda t: t.update({"encoder.layer.9.output.dense.bias_delta": torch.zeros(32)})),
+        ("norm delta width", f"{LN}.norm_weight_delta",
+         lambda t: t.update({f"{LN}.norm_weight_delta": torch.zeros(31)})),
+        ("norm delta NaN", f"{LN}.norm_bias_delta",
+         lambda t: t.update({f"{LN}.norm_bias_delta": torch.full((32,), float("nan"))})),
+        ("norm of a linear module", f"{Q}.norm_bias_delta",
+         lambda t: t.update({f"{Q}.norm_bias_delta": torch.zeros(32)})),
+        ("position shift width", "embeddings.position_delta",
+         lambda t: t.update({"embeddings.position_delta": torch.zeros(4, 31)})),
+        ("position shift too long", "embeddings.position_delta",
+         lambda t: t.update({"embeddings.position_delta": torch.zeros(100_000, 32)})),
+        ("token type shift rows", "embeddings.token_type_delta",
+         lambda t: t.update({"embeddings.token_type_delta": torch.zeros(3, 32)})),
         ("head keep shape", "layers.0.head_keep",
          lambda t: t.update({"layers.0.head_keep": torch.ones(3, dtype=torch.uint8)})),
         ("head keep value", "layers.0.head_keep",
@@ -228,3 +249,26 @@ def test_dense_weight_composes_the_registered_parts_in_formula_order(tiny_backbo
     expected = weight * unpack_bits(keep.packed, keep.shape).float() + low_rank.B @ low_rank.A
     expected.view(-1)[sparse.index] += sparse.value
     torch.testing.assert_close(delta.dense_weight(module, weight), expected)
+
+
+def test_bias_delta_is_optional_and_adds_to_the_bias(tiny_backbone, valid):
+    """A file without bias deltas parses as before; with one, `dense_bias` is b + δb and W is untouched."""
+    tensors, metadata = valid
+    without = {k: v for k, v in tensors.items() if not k.endswith(".bias_delta")}
+    assert not parse_delta(save(without, metadata=metadata), tiny_backbone.spec()).bias
+    delta = parse_delta(save(tensors, metadata=metadata), tiny_backbone.spec())
+    assert set(delta.bias) == {Q, FFN}
+    linear = tiny_backbone.model.get_submodule(Q)
+    assert torch.equal(delta.dense_bias(Q, linear.bias), linear.bias + tensors[f"{Q}.bias_delta"])
+    weight = linear.weight.detach()
+    assert torch.equal(delta.bias[Q].dense_effect(weight), weight)
+    assert delta.bytes_by_part()["BiasDelta"] == (32 + 64) * 4
+
+
+def test_norm_deltas_and_embedding_shift_round_trip(tiny_backbone, valid):
+    tensors, metadata = valid
+    assert "embeddings.position_delta" in tensors and any(k.endswith(".norm_weight_delta") for k in tensors)
+    delta = parse_delta(save(tensors, metadata=metadata), tiny_backbone.spec())
+    assert delta.embedding_shift is not None and delta.norms
+    assert set(delta.tensors()) == set(tensors)
+    assert delta.bytes_by_part()["EmbeddingShift"] == (5 + 2) * 32 * 4

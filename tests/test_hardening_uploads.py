@@ -75,6 +75,11 @@ def uploads(bb) -> list[tuple[str, bytes, str]]:
         ("F6_E2M3", with_raw_tensor(good, "pasta.vectors", "F6_E2M3", [8], bytes(6)), "pasta.vectors"),
         ("F6_E3M2", with_raw_tensor(good, "head.pooler.bias", "F6_E3M2", [8], bytes(6)), "head.pooler.bias"),
         ("F64", with_raw_tensor(good, f"{Q}.sparse_value", "F64", [1], bytes(8)), f"{Q}.sparse_value"),
+        ("bias delta of the wrong length", build_delta(bb, extra={f"{Q}.bias_delta": torch.zeros(31)}),
+         f"{Q}.bias_delta"),
+        ("bias delta NaN", build_delta(bb, extra={f"{Q}.bias_delta": torch.full((32,), float("nan"))}),
+         f"{Q}.bias_delta"),
+        ("bias delta F64", with_raw_tensor(good, f"{Q}.bias_delta", "F64", [32], bytes(256)), f"{Q}.bias_delta"),
         ("huge layer index", with_raw_tensor(good, f"layers.{'9' * 5000}.head_keep", "U8", [4], bytes(4)),
          "layers.9999"),
     ]

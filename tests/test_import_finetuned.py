@@ -134,9 +134,15 @@ def test_full_finetune_is_compressed_measured_and_served(tmp_path, base_dir, tok
     kinds = {m["representation"] for m in report["modules"]}
     assert kinds <= {"low rank", "low rank + sparse", "sparse", "dropped"} and "low rank" in " ".join(kinds)
     assert report["head_pooler"]  # fine-tuning moved the pooler: it travels whole
+    # Biases, LayerNorms, positions and token types travel as their own parts; only the word embeddings stay.
+    assert report["carried"] == ["biases", "layer_norms", "position_embeddings"]
+    delta = parse_delta(result.data, backbone.spec())
+    assert set(delta.bias) == set(backbone.linear_modules) - {"pooler.dense"}
+    assert set(delta.norms) == set(backbone.layer_norms) and delta.embedding_shift is not None
     not_carried = {n["kind"]: n for n in report["not_carried"]}
-    assert set(not_carried) == {"embeddings", "layer_norms", "biases"}
+    assert set(not_carried) == {"word_embeddings"}
     assert all(n["relative_change"] > 0 and 0 <= n["effect"]["max_prob_diff"] <= 1 for n in not_carried.values())
+    assert report["carried_ceiling"] == not_carried["word_embeddings"]["effect"]
     # The fidelity it reports is the engine's delta against transformers' original, recomputed here.
     original = _transformers_probs(checkpoint, backbone, TEXTS * 3)
     served = _engine_probs(result.data, base_dir, TEXTS * 3)
@@ -146,6 +152,17 @@ def test_full_finetune_is_compressed_measured_and_served(tmp_path, base_dir, tok
                               budget_bytes=400_000)
     error = sum(c.relative_error for c in result.choices)
     assert sum(c.relative_error for c in bigger.choices) < error
+
+
+def test_biases_and_norms_wait_for_a_budget_that_holds_them(tmp_path, base_dir, tokenizer):
+    """Under a budget where they would take more than a quarter of the bytes, they are reported, not carried."""
+    checkpoint = _finetune(base_dir, tokenizer, tmp_path / "ft")
+    result = import_finetuned(checkpoint, Backbone.load(base_dir, device="cpu"), calibration=TEXTS,
+                              budget_bytes=12_000)
+    report = result.report()
+    assert report["carried"] == [] and not parse_delta(result.data, Backbone.load(base_dir).spec()).bias
+    assert {n["kind"] for n in report["not_carried"]} == {"word_embeddings", "position_embeddings", "layer_norms",
+                                                          "biases"}
 
 
 def test_gate_writes_nothing_unless_forced(tmp_path, base_dir, tokenizer):
@@ -234,6 +251,8 @@ def test_another_tokenizer_is_refused(tmp_path, base_dir, tokenizer):
     ("bert", ("keep",), "mask", False),
     ("bert", ("lora",), "lora", True),
     ("bert", ("keep", "lora", "sparse", "head_keep"), "dsee", False),
+    ("bert", ("keep", "lora", "bias", "norms"), "imported", True),  # biases, LayerNorms, embeddings fold in
+    ("roberta", ("lora", "bias", "norms"), "imported", False),  # positions after RoBERTa's padding index
     ("roberta", ("lora", "sparse"), "dsee", False),
 ])
 def test_export_answers_as_the_server_does(tmp_path, tokenizer, family, parts, method, pooler_head):

@@ -2,7 +2,9 @@
 
 No lock-in: the backbone with a delta folded in is an ordinary `…ForSequenceClassification` or
 `…ForTokenClassification`. Every linear weight becomes `W' = W ⊙ K + B·A + S`
-(`TaskDelta.dense_weight`, the registered parts' dense effects), pruned heads become zero input
+(`TaskDelta.dense_weight`, the registered parts' dense effects) and its bias `b + δb`, LayerNorm
+deltas go into the LayerNorms and the embedding shift into the position and token-type tables
+(rows of equal effect: both are added before the embeddings' LayerNorm), pruned heads become zero input
 columns of their attention output projection, the task head goes where the family's class keeps
 it (BERT: the pooler and `classifier`; RoBERTa/MPNet: `classifier.dense` and `classifier.out_proj`),
 labels into `id2label`, the backbone's tokenizer alongside, its `model_max_length` set to the
@@ -73,11 +75,37 @@ def check_exportable(delta: TaskDelta, backbone: Backbone) -> None:
                               "tanh first")
 
 
+# Families whose position table starts after the padding index (position ids pad_token_id + 1 + p).
+PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
+
+
 def folded_state(delta: TaskDelta, backbone: Backbone) -> dict[str, torch.Tensor]:
-    """The backbone's state dict with the delta folded in: W ⊙ K + B·A + S, pruned heads' columns zeroed."""
+    """The backbone's state dict with the delta folded in: W ⊙ K + B·A + S, b + δb, LayerNorm deltas, the
+    embedding shift (into the position and token-type tables), pruned heads' columns zeroed."""
     state = {k: v.detach().float().cpu().clone() for k, v in backbone.model.state_dict().items()}
     for module in delta.modules():
         state[f"{module}.weight"] = delta.dense_weight(module, state[f"{module}.weight"])
+        if module in delta.bias:
+            if f"{module}.bias" not in state:
+                raise ExportError(f"{module}.bias_delta: the backbone's {module} has no bias, so a standard "
+                                  "model of this architecture cannot carry one")
+            state[f"{module}.bias"] = delta.dense_bias(module, state[f"{module}.bias"])  # type: ignore[assignment]
+    for name, norm in delta.norms.items():
+        if norm.weight is not None:
+            state[f"{name}.weight"] = state[f"{name}.weight"] + norm.weight.float()
+        if norm.bias is not None:
+            state[f"{name}.bias"] = state[f"{name}.bias"] + norm.bias.float()
+    shift = delta.embedding_shift
+    if shift is not None and shift.position is not None:
+        # Sequence position p reads row p of the table, after the padding index in RoBERTa's families.
+        offset = backbone.model.config.pad_token_id + 1 if backbone.model_type in PADDED_POSITIONS else 0
+        key = "embeddings.position_embeddings.weight"
+        rows = shift.position.float()
+        state[key] = state[key].clone()
+        state[key][offset:offset + rows.shape[0]] += rows
+    if shift is not None and shift.token_type is not None:
+        key = "embeddings.token_type_embeddings.weight"
+        state[key] = state[key] + shift.token_type.float()
     for layer, head_keep in delta.head_keep.items():
         name = f"{backbone.attention_output_modules[layer]}.weight"
         columns = head_keep.keep.to(torch.float32).repeat_interleave(backbone.head_dim)

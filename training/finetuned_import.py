@@ -26,20 +26,32 @@ threshold nothing is written unless forced.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adapters_store.format import DeltaMeta, KeepMask, LowRank, ModulePart, SparseUpdate, TaskDelta, TaskHead
+from adapters_store.format import (
+    BiasDelta,
+    DeltaMeta,
+    EmbeddingShift,
+    KeepMask,
+    LowRank,
+    ModulePart,
+    NormDelta,
+    SparseUpdate,
+    TaskDelta,
+    TaskHead,
+)
 from adapters_store.packing import pack_bits
 from server.backbone import Backbone, TextInput
+from training.export import PADDED_POSITIONS
 
 BUILTIN_CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -49,6 +61,14 @@ MAX_RELATIVE_CHANGE = 0.5
 DEFAULT_BUDGET_FRACTION = 16  # default --budget-bytes: 1/16 of the checkpoint's weights
 DEFAULT_MIN_AGREEMENT = 0.95
 DEFAULT_MAX_MEAN_PROB_DIFF = 0.05
+# Bias deltas, LayerNorm deltas and the embedding shift are stored in float16 (their rounding, 5e-4 of
+# each change, is far below what they fix) and carried whenever all of them together take at most this
+# share of the tensor budget.
+BIAS_DTYPE = EXTRA_DTYPE = torch.float16
+BIAS_ITEMSIZE = 2
+MAX_BIAS_SHARE = 0.25
+POSITION_ROW_THRESHOLD = 0.01
+CARRIED_EXTRAS = ("biases", "layer_norms", "position_embeddings")  # kinds of _categorise those parts carry
 SEQUENCE_HEADS = {"bert": "pooler", "roberta": "dense_head", "xlm-roberta": "dense_head",
                   "camembert": "dense_head", "mpnet": "dense_head", "distilbert": "relu_head"}
 
@@ -248,8 +268,11 @@ def _allocate(analyses: list[_Analysis], budget: int) -> int:
     return used
 
 
-def _parts_of(a: _Analysis) -> tuple[list[ModulePart], ModuleChoice]:
-    """The format parts for one analysed module, and the record of what it became."""
+def _parts_of(a: _Analysis, input_mean: torch.Tensor | None = None
+              ) -> tuple[list[ModulePart], ModuleChoice, torch.Tensor | None]:
+    """The format parts for one analysed module, the record of what it became, and what the part of
+    ΔW left out adds to the output on average: `(ΔW − carried) · μ` for the mean input μ of the
+    module over the calibration tokens (None when ΔW is carried exactly or μ is not known)."""
     parts: list[ModulePart] = []
     choice = ModuleChoice(a.module, "unchanged", exact_rank=a.exact_rank if a.S is not None else 0)
     names = []
@@ -283,7 +306,10 @@ def _parts_of(a: _Analysis) -> tuple[list[ModulePart], ModuleChoice]:
     choice.relative_error = float(torch.linalg.norm(a.delta - carried)) / norm if norm else 0.0
     if choice.exact_rank == min(a.shape):
         choice.exact_rank = None  # full rank: say so rather than a number that looks like a choice
-    return parts, choice
+    left_out = None
+    if input_mean is not None and not a.exact and norm:
+        left_out = (a.delta - carried) @ input_mean
+    return parts, choice, left_out
 
 
 # --------------------------------------------------------------------------- head
@@ -372,17 +398,48 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], regres
     return Fidelity(agreement, float(diff.max()), float(diff.max(-1).values.mean()), ref.shape[0])
 
 
-def transformers_logits(model: nn.Module, backbone: Backbone, texts: Sequence, batch_size: int = 32
-                        ) -> list[torch.Tensor]:
-    """The plain transformers model on the backbone's tokenisation; [C] or [tokens, C] per text."""
-    outputs: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start:start + batch_size]
-            inputs = {k: v.cpu() for k, v in backbone.pad(chunk).items()}
-            logits = model(**inputs).logits.float()
-            for i, text in enumerate(chunk):
-                outputs.append(logits[i, : len(text.input_ids)] if logits.dim() == 3 else logits[i])
+def _by_length(texts: Sequence, batch_size: int) -> list[list[int]]:
+    """Batches of text indices, similar lengths together: padding was a third of the forwards' work."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def transformers_logits(model: nn.Module, backbone: Backbone, texts: Sequence, batch_size: int = 32,
+                        input_means: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The plain transformers model on the backbone's tokenisation; [C] or [tokens, C] per text.
+
+    With `input_means` (linear module name -> anything), each named module's mean input over every
+    non-padding token of the texts is written into it, from the same forwards.
+    """
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+    sums: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor] = []
+
+    def collect(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            total = torch.einsum("bl,bld->d", mask[0], args[0].float()).double()
+            sums[name] = sums[name] + total if name in sums else total
+        return hook
+
+    handles = [model.base_model.get_submodule(name).register_forward_pre_hook(collect(name))
+               for name in (input_means or {})]
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for indices in _by_length(texts, batch_size):
+                chunk = [texts[i] for i in indices]
+                inputs = {k: v.cpu() for k, v in backbone.pad(chunk).items()}
+                mask[:] = [inputs["attention_mask"].float()]
+                tokens += int(inputs["attention_mask"].sum())
+                logits = model(**inputs).logits.float()
+                for row, (i, text) in enumerate(zip(indices, chunk, strict=True)):
+                    outputs[i] = logits[row, : len(text.input_ids)] if logits.dim() == 3 else logits[row]
+    finally:
+        for handle in handles:
+            handle.remove()
+    if input_means is not None:
+        for name in input_means:
+            input_means[name] = sums[name] / max(tokens, 1)
     return outputs
 
 
@@ -393,22 +450,26 @@ def engine_logits(data: bytes, backbone: Backbone, texts: Sequence, batch_size: 
 
     engine = Engine(backbone)
     delta = prepare_delta(data, backbone, name="import-check", version=1)
-    outputs: list[torch.Tensor] = []
-    for start in range(0, len(texts), batch_size):
-        outputs += engine.forward([Row(delta, text) for text in texts[start:start + batch_size]])
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+    for indices in _by_length(texts, batch_size):
+        for i, logits in zip(indices, engine.forward([Row(delta, texts[i]) for i in indices]), strict=True):
+            outputs[i] = logits
     return outputs
 
 
 def _categorise(model: nn.Module) -> dict[str, list[str]]:
-    """State-dict keys of the encoder the format cannot carry, by kind: embeddings, layer_norms, biases."""
+    """State-dict keys of the encoder outside the linear weights, by kind: word_embeddings,
+    position_embeddings (positions and token types), layer_norms, biases."""
     base = model.base_model
-    kinds: dict[str, list[str]] = {"embeddings": [], "layer_norms": [], "biases": []}
+    kinds: dict[str, list[str]] = {"word_embeddings": [], "position_embeddings": [], "layer_norms": [],
+                                   "biases": []}
     for name, module in base.named_modules():
         if name.startswith("pooler"):
             continue  # the pooler travels whole, as head.pooler
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Embedding):
-            kinds["embeddings"] += [prefix + p for p, _ in module.named_parameters(recurse=False)]
+            kind = "word_embeddings" if "word" in name else "position_embeddings"
+            kinds[kind] += [prefix + p for p, _ in module.named_parameters(recurse=False)]
         elif isinstance(module, nn.LayerNorm):
             kinds["layer_norms"] += [prefix + p for p, _ in module.named_parameters(recurse=False)]
         elif isinstance(module, nn.Linear) and module.bias is not None:
@@ -427,13 +488,61 @@ class NotCarried:
     effect: Fidelity  # original vs original with this kind set back to the backbone's
 
 
-def _reset(model: nn.Module, keys: list[str], base: dict[str, torch.Tensor]) -> nn.Module:
-    clone = copy.deepcopy(model)
-    state = clone.base_model.state_dict()
+@contextmanager
+def _reset(model: nn.Module, keys: list[str], base: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The model with these tensors set back to the backbone's, in place (a copy of the model cost
+    more than the forward it served), restored on exit."""
+    state = model.base_model.state_dict()
+    saved = {key: state[key].clone() for key in keys}
     with torch.no_grad():
-        for key in keys:
-            state[key].copy_(base[key].to(state[key].dtype))
-    return clone
+        try:
+            for key in keys:
+                state[key].copy_(base[key].to(state[key].dtype))
+            yield
+        finally:
+            for key, value in saved.items():
+                state[key].copy_(value)
+
+
+def _norms_and_shift(backbone: Backbone, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
+                     ) -> tuple[list[NormDelta], EmbeddingShift | None]:
+    """What the fine-tune changed in the LayerNorms and the position and token-type tables, as parts.
+
+    Position rows past the last one the fine-tune really moved are left out: positions no training
+    text reached move only by weight decay (rows 64+ of a MiniLM tuned at 64 tokens: 1/200 of the rest).
+    """
+    def change(key: str) -> torch.Tensor | None:
+        if key not in tuned or key not in base or torch.equal(tuned[key].float().cpu(), base[key]):
+            return None
+        return (tuned[key].float().cpu() - base[key]).to(EXTRA_DTYPE)
+
+    norms = []
+    for name in backbone.layer_norms:
+        weight, bias = change(f"{name}.weight"), change(f"{name}.bias")
+        if weight is not None or bias is not None:
+            norms.append(NormDelta(name, weight, bias))
+    position = change("embeddings.position_embeddings.weight")
+    if position is not None:
+        offset = backbone.model.config.pad_token_id + 1 if backbone.model_type in PADDED_POSITIONS else 0
+        rows = position[offset:offset + backbone.max_positions].float().norm(dim=1)
+        moved = torch.nonzero(rows > POSITION_ROW_THRESHOLD * float(rows.max())).flatten()
+        position = position[offset:offset + int(moved.max()) + 1].clone() if moved.numel() else None
+    token_type = change("embeddings.token_type_embeddings.weight") if backbone.type_vocab_size else None
+    shift = None
+    if backbone.embedding_norm is not None and (position is not None or token_type is not None):
+        shift = EmbeddingShift(position, token_type)
+    return norms, shift
+
+
+def _bias_changes(modules: list[str], base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """module -> b_ft − b (float64), for the linear modules whose bias the fine-tune changed."""
+    changes = {}
+    for name in modules:
+        key = f"{name}.bias"
+        if key in tuned and key in base and not torch.equal(tuned[key].float().cpu(), base[key]):
+            changes[name] = tuned[key].double().cpu() - base[key].double()
+    return changes
 
 
 # --------------------------------------------------------------------------- the import
@@ -454,6 +563,7 @@ class ImportResult:
     passed: bool
     gate: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)  # kinds beyond the linear weights the delta carries
 
     def report(self) -> dict:
         by_repr: dict[str, int] = {}
@@ -476,6 +586,7 @@ class ImportResult:
             "head_pooler": self.delta.head.pooler_weight is not None,
             "representations": by_repr,
             "modules": [asdict(c) for c in self.choices],
+            "carried": self.carried,
             "not_carried": [asdict(n) for n in self.not_carried],
         }
 
@@ -491,12 +602,27 @@ def import_finetuned(
     max_length: int | None = None,
     description: str = "",
     log: Callable[[str], None] = lambda message: None,
+    threads: int | None = 1,
 ) -> ImportResult:
     """Compress `checkpoint` into a delta for `backbone` and measure it; writes nothing.
 
     `backbone` is used for the engine check: its linear modules are swapped for the engine's
-    (sharing the same weights), so pass one that nothing else uses.
+    (sharing the same weights), so pass one that nothing else uses. `threads`: torch's CPU threads for
+    the import (None: leave torch's setting); see the module docstring for why one.
     """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _import(checkpoint, backbone, calibration, budget_bytes, min_agreement, max_mean_prob_diff,
+                       max_length, description, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _import(checkpoint: str | Path, backbone: Backbone, calibration: Sequence[TextInput] | None,
+            budget_bytes: int | None, min_agreement: float, max_mean_prob_diff: float, max_length: int | None,
+            description: str, log: Callable[[str], None]) -> ImportResult:
     started, cpu_started = time.perf_counter(), time.process_time()
     model, task_type = load_checkpoint(checkpoint)
     check_compatible(model, backbone, checkpoint)
@@ -522,12 +648,30 @@ def import_finetuned(
     head_bytes = head.nbytes
     if budget <= head_bytes:
         raise ImportFinetunedError(f"--budget-bytes {budget} does not cover the head ({head_bytes} bytes)")
+
+    texts = backbone.encode(list(calibration or read_calibration(None)), max_length)
+    log(f"running the original on {len(texts)} calibration texts")
+    input_means: dict[str, torch.Tensor] = dict.fromkeys(modules, torch.empty(0))
+    original = transformers_logits(model, backbone, texts, input_means=input_means)
+
     log(f"analysing {len(modules)} linear modules")
     analyses = [_analyse(n, base[f"{n}.weight"], tuned[f"{n}.weight"]) for n in modules]
     meta = DeltaMeta(method="imported", task_type=task_type, labels=labels,  # type: ignore[arg-type]
                      backbone_fingerprint=backbone.fingerprint, problem_type=problem, max_length=max_length,
                      description=description or f"imported from fine-tuned checkpoint {Path(checkpoint).name}")
+    bias_changes = _bias_changes(modules, base, tuned)
+    norms, shift = _norms_and_shift(backbone, base, tuned)
     tensor_budget = budget - head_bytes
+    # Biases, LayerNorms and the embedding shift first: 0.1 % of the checkpoint that decides more labels
+    # than any rank (docs/import-export.md).
+    extra_bytes = (sum(out * BIAS_ITEMSIZE for out, _ in backbone.linear_modules.values())
+                   + sum(part.nbytes for part in norms) + (shift.nbytes if shift else 0))
+    carry_extras = bool(bias_changes or norms or shift) and extra_bytes <= tensor_budget * MAX_BIAS_SHARE
+    carry_biases = carry_extras
+    if carry_extras:
+        tensor_budget -= extra_bytes
+    else:
+        norms, shift = [], None
     for _ in range(4):  # the file's JSON header grows with the parts chosen: shrink until the file fits
         for analysis in analyses:
             analysis.rank, analysis.sparse_index = 0, None
@@ -535,11 +679,15 @@ def import_finetuned(
         _allocate(analyses, tensor_budget)
         parts: list[ModulePart] = []
         choices: list[ModuleChoice] = []
+        biases = dict(bias_changes) if carry_biases else {}
         for analysis in analyses:
-            found, choice = _parts_of(analysis)
+            found, choice, left_out = _parts_of(analysis, input_means[analysis.module] if carry_biases else None)
             parts += found
             choices.append(choice)
-        delta = TaskDelta.from_parts(meta, head, parts)
+            if left_out is not None:  # what the truncation drops on average goes into the bias
+                biases[analysis.module] = biases.get(analysis.module, torch.zeros_like(left_out)) + left_out
+        parts += [BiasDelta(module, change.to(BIAS_DTYPE)) for module, change in sorted(biases.items())]
+        delta = TaskDelta.from_parts(meta, head, parts, norms=norms, embedding_shift=shift)
         data = delta.to_bytes()
         if len(data) <= budget:
             break
@@ -547,24 +695,27 @@ def import_finetuned(
     else:
         raise ImportFinetunedError(f"--budget-bytes {budget} is too small for even the file's header and head")
 
-    texts = backbone.encode(list(calibration or read_calibration(None)), max_length)
-    log(f"measuring on {len(texts)} calibration texts")
-    original = transformers_logits(model, backbone, texts)
+    log("measuring what the format does not carry")
     regression = problem == "regression"
     not_carried: list[NotCarried] = []
     reset_all: list[str] = []
     for kind, keys in _categorise(model).items():
         changed = [k for k in keys if k in base and not torch.equal(tuned[k].float().cpu(), base[k])]
-        if not changed:
+        if not changed or (carry_extras and kind in CARRIED_EXTRAS):
             continue
         reset_all += changed
         diff = math.sqrt(sum(float(torch.linalg.norm(tuned[k].float() - base[k])) ** 2 for k in changed))
         norm = math.sqrt(sum(float(torch.linalg.norm(base[k])) ** 2 for k in changed))
-        effect = compare(original, transformers_logits(_reset(model, changed, base), backbone, texts), regression)
+        with _reset(model, changed, base):
+            effect = compare(original, transformers_logits(model, backbone, texts), regression)
         not_carried.append(NotCarried(kind, len(changed), diff / norm if norm else 0.0,
                                       sum(base[k].numel() * 4 for k in changed), effect))
-    ceiling = (compare(original, transformers_logits(_reset(model, reset_all, base), backbone, texts), regression)
-               if reset_all else compare(original, original, regression))
+    if len(not_carried) > 1:
+        with _reset(model, reset_all, base):
+            ceiling = compare(original, transformers_logits(model, backbone, texts), regression)
+    else:  # one kind left out (or none): its effect is the ceiling, no forward needed
+        ceiling = not_carried[0].effect if not_carried else compare(original, original, regression)
+    log("serving the delta with the engine")
     fidelity = compare(original, engine_logits(data, backbone, texts), regression)
 
     reasons = []
@@ -577,5 +728,5 @@ def import_finetuned(
         carried_ceiling=ceiling, checkpoint_bytes=checkpoint_bytes, budget_bytes=budget,
         seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started,
         passed=not reasons, gate={"min_agreement": min_agreement, "max_mean_prob_diff": max_mean_prob_diff},
-        reasons=reasons,
+        reasons=reasons, carried=list(CARRIED_EXTRAS) if carry_extras else [],
     )

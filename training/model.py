@@ -72,6 +72,12 @@ class DeltaLinear(nn.Module):
             weight = effective_weight(weight, input_keep=self.input_keep)
         return weight
 
+    def effective_bias(self) -> torch.Tensor | None:
+        bias = self.bias
+        for part in self.ordered_parts():
+            bias = part.apply_to_bias(bias)
+        return bias
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (s·B)·A + S alone (the additive parts on a zero W), detached; what DSEE prunes by."""
         with torch.no_grad():
@@ -82,7 +88,7 @@ class DeltaLinear(nn.Module):
             return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        return F.linear(x, self.effective_weight(), self.effective_bias())
 
 
 class DeltaModel(nn.Module):
@@ -255,6 +261,9 @@ class DeltaModel(nn.Module):
 
     def load_delta(self, delta: TaskDelta) -> None:
         """Install a parsed delta's parts (frozen) so this model computes what it specifies."""
+        if delta.norms or delta.embedding_shift is not None:
+            raise ValueError("this delta has LayerNorm deltas or an embedding shift (an imported fine-tune); "
+                             "training cannot start from those parts")
         dev = self.device
         with torch.no_grad():
             for name, found in delta.module_parts.items():

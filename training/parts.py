@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from adapters_store.format import KeepMask, LowRank, ModulePart, SparseUpdate
+from adapters_store.format import BiasDelta, KeepMask, LowRank, ModulePart, SparseUpdate
 from adapters_store.formula import effective_weight
 from adapters_store.packing import pack_bits, unpack_bits
 
@@ -41,6 +41,10 @@ class TrainablePart(nn.Module):
     def apply_to(self, weight: torch.Tensor) -> torch.Tensor:
         """This part's term of the formula applied to `weight` (parts compose in registry order)."""
         raise NotImplementedError
+
+    def apply_to_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """This part's term applied to the module's bias; most parts leave it alone."""
+        return bias
 
     def export(self, module: str, shape: tuple[int, int]) -> ModulePart:
         """The format part, scales folded in, detached on the CPU."""
@@ -152,3 +156,29 @@ class TrainableSparse(TrainablePart):
         assert isinstance(part, SparseUpdate)
         return cls(part.index.to(device).clone(),
                    nn.Parameter(part.value.float().to(device).clone(), requires_grad=False))
+
+
+@register_trainable
+class TrainableBias(TrainablePart):
+    """`b + δb`. Nothing trains it today (import writes it); frozen, it serves a loaded delta exactly."""
+
+    kind = BiasDelta.kind
+    additive = False  # it changes the bias, not W
+
+    def __init__(self, delta: nn.Parameter) -> None:
+        super().__init__()
+        self.delta = delta  # [out]
+
+    def apply_to(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def apply_to_bias(self, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.delta if bias is None else bias + self.delta.to(bias.dtype)
+
+    def export(self, module: str, shape: tuple[int, int]) -> BiasDelta:
+        return BiasDelta(module, self.delta.detach().cpu().clone())
+
+    @classmethod
+    def frozen(cls, part: ModulePart, device: torch.device) -> TrainableBias:
+        assert isinstance(part, BiasDelta)
+        return cls(nn.Parameter(part.delta.float().to(device).clone(), requires_grad=False))

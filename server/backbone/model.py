@@ -94,6 +94,14 @@ class Backbone(Tokenising, Surgery):
             f"{self.layout.layers}.{i}.{self.layout.attention_output}" for i in range(self.num_layers)
         ]
         self.has_pooler = getattr(self.model, "pooler", None) is not None
+        # LayerNorms by name and width (norm deltas), and the one over the embeddings' sum (its input
+        # is where a delta's embedding shift is added).
+        self.layer_norms: dict[str, int] = {name: module.normalized_shape[-1]
+                                            for name, module in self.model.named_modules()
+                                            if isinstance(module, nn.LayerNorm)}
+        self.embedding_norm: str | None = next((name for name in self.layer_norms
+                                                if name.startswith("embeddings.")), None)
+        self.type_vocab_size = int(getattr(config, "type_vocab_size", 0) or 0)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.special_ids = frozenset(i for i in tokenizer.all_special_ids if i != self.pad_id)
         accepts_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
@@ -146,6 +154,9 @@ class Backbone(Tokenising, Surgery):
             linear_modules=dict(self.linear_modules),
             has_pooler=self.has_pooler,
             max_length=self.max_positions,
+            layer_norms=dict(self.layer_norms),
+            embedding_norm=self.embedding_norm,
+            type_vocab_size=self.type_vocab_size,
         )
 
     def describe(self) -> dict[str, object]:
@@ -163,6 +174,7 @@ class Backbone(Tokenising, Surgery):
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "linear_modules": {name: list(shape) for name, shape in self.linear_modules.items()},
+            "layer_norms": dict(self.layer_norms),
             "pooling": self.trained_pooling,
         }
 

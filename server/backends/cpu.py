@@ -13,7 +13,8 @@ Rows are sorted so that each task's rows are contiguous (a *segment*). Per modul
   `W ⊙ K (+ B·A + S)` built in a scratch buffer (dense masks); see `parts/keep_mask.py`;
 - other tasks get in-place corrections on their rows (`correct` role): `B·A` by two small
   GEMMs, `S` by an index-add (see `parts/low_rank.py`, `parts/sparse.py`);
-- pruned heads (`input` role) zero their context columns before the attention output projection.
+- pruned heads (`input` role) zero their context columns before the attention output projection;
+- a bias delta (`output` role) is added to its task's output rows last (see `parts/bias.py`).
 
 Why per segment on a CPU: a few big BLAS calls beat any gather, and launches are free. A
 few-zero keep mask briefly zeroes the shared weight in place, which is why the engine runs one
@@ -41,6 +42,7 @@ class ModulePlan:
     inputs: list[tuple[int, int, Any]] = field(default_factory=list)
     replaced: list[tuple[int, int, ModuleParts]] = field(default_factory=list)
     corrections: list[tuple[int, int, ModuleParts]] = field(default_factory=list)
+    outputs: list[tuple[int, int, Any]] = field(default_factory=list)
 
     def shared_runs(self) -> list[tuple[int, int]]:
         """Maximal row ranges not swapped out of the shared GEMM."""
@@ -123,6 +125,8 @@ class CpuLinear(BackendLinear):
             y = F.linear(x, self.weight, self.bias)
         for start, end, parts in plan.corrections:
             _add_corrections(x[start:end], y[start:end], parts)
+        for start, end, part in plan.outputs:
+            part.add_to_output(y[start:end])
         return y
 
 
@@ -149,6 +153,7 @@ class CpuBackend(Backend):
                 if plan is None:
                     plan = plans[name] = ModulePlan(num_rows)
                 plan.inputs.extend((start, end, part) for part in parts.with_role("input"))
+                plan.outputs.extend((start, end, part) for part in parts.with_role("output"))
                 if parts.replacing is not None:
                     plan.replaced.append((start, end, parts))
                 elif parts.with_role("correct"):

@@ -67,6 +67,8 @@ class TaskTables:
     `pointers[f, m, slot]` (int64) and `counts[f, m, slot]` (int32) hold field f of module m for
     the task in `slot`; `head_keep[layer, slot]` its 0/1 keep per head (ones without head keep).
     Host mirrors of the counts and of which modules each slot masks decide the kernels per batch.
+Bias deltas live apart, in `bias[m]` ([slots, out] in the backbone's dtype, made when a first
+task brings one for module m; a slot's row is zeros when its task has none there).
     Capacity doubles when full (the old tables stay alive for a plan that still uses them).
     """
 
@@ -87,6 +89,8 @@ class TaskTables:
         self.host_counts = np.zeros((0, len(self.count_fields), num_modules), dtype=np.int64)
         self.host_masked = np.zeros((0, num_modules), dtype=bool)
         self.host_head_keep = np.zeros((0, len(self.layers)), dtype=bool)
+        self.bias: dict[int, torch.Tensor] = {}  # module -> [capacity, out]
+        self.host_bias = np.zeros((0, num_modules), dtype=bool)
         self._slots: dict[int, int] = {}  # id(prepared delta) -> slot
         self._free: list[int] = []
         # Re-entrant: a delta collected while the lock is held (an allocation runs the GC) frees its slot.
@@ -134,6 +138,8 @@ class TaskTables:
         self.host_masked = np.concatenate([self.host_masked, np.zeros((extra, self.host_masked.shape[1]), bool)])
         self.host_head_keep = np.concatenate(
             [self.host_head_keep, np.zeros((extra, self.host_head_keep.shape[1]), bool)])
+        self.bias = {module: widen(table, 0, 0) for module, table in self.bias.items()}
+        self.host_bias = np.concatenate([self.host_bias, np.zeros((extra, self.host_bias.shape[1]), bool)])
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
 
@@ -144,8 +150,17 @@ class TaskTables:
         masked = np.zeros(len(self.modules), dtype=bool)
         head_keep = torch.ones((len(self.layers), self.num_heads), dtype=self.dtype)
         has_head_keep = np.zeros(len(self.layers), dtype=bool)
+        biased = np.zeros(len(self.modules), dtype=bool)
+        for table in self.bias.values():
+            table[slot] = 0  # the slot may have held another task's bias
         for name, parts in delta.modules.items():
             module = self.modules[name]
+            if (bias := parts.get("bias")) is not None:
+                if module not in self.bias:
+                    self.bias[module] = torch.zeros((self.capacity, bias.delta.numel()), dtype=self.dtype,
+                                                    device=self.device)
+                self.bias[module][slot] = bias.delta
+                biased[module] = True
             for kind in _PART_KINDS:
                 part = parts.get(kind)
                 if part is None:
@@ -166,6 +181,7 @@ class TaskTables:
         self.host_counts[slot] = counts
         self.host_masked[slot] = masked
         self.host_head_keep[slot] = has_head_keep
+        self.host_bias[slot] = biased
 
 
 @dataclass
@@ -181,6 +197,7 @@ class TritonModulePlan:
     ranks: torch.Tensor | None = None  # int32 [S]
     max_rank: int = 0
     sparse: ops.SparseArgs | None = None
+    bias_rows: torch.Tensor | None = None  # [N, out]: each sequence row's task's bias delta (zeros: none)
 
 
 class TritonLinear(BackendLinear):
@@ -210,6 +227,8 @@ class TritonLinear(BackendLinear):
                 ops.lora_expand(lora.t, segments, lora.b_ptrs, lora.ranks, y)
             if plan.sparse is not None:
                 ops.sparse_add(rows, y, plan.sparse, segments)
+        if plan.bias_rows is not None:  # one add for every row: its sequence's task's δb
+            y.view(plan.bias_rows.shape[0], -1, self.out_features).add_(plan.bias_rows.unsqueeze(1))
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -252,7 +271,8 @@ class TritonBackend(Backend):
         head_keep_layers = tables.host_head_keep[slots].any(axis=0)
         rank_field = tables.count_fields.index("ranks")
         nnz_field = tables.count_fields.index("nnz")
-        touched = masked | (max_counts > 0).any(axis=0)
+        biased = tables.host_bias[slots].any(axis=0)
+        touched = masked | (max_counts > 0).any(axis=0) | biased
         if not touched.any() and not head_keep_layers.any():
             return {}
 
@@ -280,6 +300,8 @@ class TritonBackend(Backend):
                 plan.sparse = ops.SparseArgs(pointers[field["index_ptrs"], module, :num_segments],
                                              pointers[field["value_ptrs"], module, :num_segments],
                                              table_counts[nnz_field, module, :num_segments])
+            if biased[module]:
+                plan.bias_rows = tables.bias[module].index_select(0, row_slot)
             plans[names[module]] = plan
         if head_rows is not None:
             for name, layer in tables.layers.items():

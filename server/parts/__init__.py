@@ -7,13 +7,16 @@ this registry alone, and each backend plans a batch from the prepared parts' `ro
 
 - `input`   — transforms a module's input rows before anything else (head keep);
 - `replace` — replaces the shared GEMM for the task's rows (the keep mask; at most one);
-- `correct` — adds a correction on the task's rows after the GEMM (low rank, sparse).
+- `correct` — adds a correction on the task's rows after the GEMM (low rank, sparse);
+- `output`  — adds a term that does not depend on the input to the task's output rows, after
+  everything else (the bias delta).
 
 Modules, one per part, mirroring `adapters_store.format`:
 
 - `keep_mask`  — `W ⊙ K`
 - `low_rank`   — `B · A`
 - `sparse`     — `S` on Ω
+- `bias`       — `δb` added to the module's bias
 - `head_keep`  — pruned heads' context columns zeroed before the attention output projection
 - `pasta`      — vectors added at special-token positions before each layer (not a module part)
 - `task_head`  — the task's pooler and classifier (not a module part)
@@ -31,7 +34,7 @@ import torch
 
 from server.backends import BACKEND_NAMES
 
-Role = Literal["input", "replace", "correct"]
+Role = Literal["input", "replace", "correct", "output"]
 BACKENDS = BACKEND_NAMES  # prepared classes are registered per engine backend
 HEAD_KEEP = "head_keep"  # the one module part keyed by layer in the file, by module when served
 
@@ -105,6 +108,10 @@ class ModuleParts(dict):
         return self.get("sparse")
 
     @property
+    def bias(self) -> Any | None:
+        return self.get("bias")
+
+    @property
     def head_keep(self) -> Any | None:
         return self.get(HEAD_KEEP)
 
@@ -115,7 +122,7 @@ class ModuleParts(dict):
 
 def _register_builtin_parts() -> None:
     # Importing the part modules runs their `register_prepared` decorators.
-    from server.parts import head_keep, keep_mask, low_rank, sparse  # noqa: F401
+    from server.parts import bias, head_keep, keep_mask, low_rank, sparse  # noqa: F401
 
 
 _register_builtin_parts()
