@@ -1,17 +1,21 @@
-"""The import table of RESULTS.md: a MiniLM fine-tuned with plain transformers, imported at several budgets.
+"""The import table of RESULTS.md: MiniLMs fine-tuned with plain transformers, imported at several budgets.
 
-    python -m bench.import_finetuned finetune --data DATA --out-dir /tmp/import-bench [--train-rows 2000 --epochs 2]
-    python -m bench.import_finetuned measure --data DATA --out-dir /tmp/import-bench --json results/import/sst2.json
-    python -m bench.import_finetuned lora --json results/import/lora.json
+    python -m bench.import_finetuned finetune --task {sst2,mrpc,conll} --data DATA --out-dir /tmp/import-bench
+    python -m bench.import_finetuned measure --task {sst2,mrpc,conll} --data DATA --out-dir /tmp/import-bench
+    python -m bench.import_finetuned lora --json results/import/merged-lora.json
+    python -m bench.import_finetuned table
 
-`finetune` trains `BertForSequenceClassification` on the packaged MiniLM with nothing but
-transformers and torch (every weight, embeddings and LayerNorms included: what a user brings), on a
-seeded subset of SST-2's training set, and saves it with `save_pretrained`. `measure` scores that
-checkpoint on SST-2 dev with transformers, imports it at each budget (calibration: 256 training
-sentences outside the fine-tuning subset, the user's own texts), serves each delta with the engine on
-dev, and records score, label agreement, bytes, import wall/CPU time and the representation of every
-module. `lora` exports a trained LoRA delta (a merged LoRA: W + B·A in float32), imports it back, and
-records how exactly it returns and at what bytes against the LoRA's own.
+`finetune` trains `…ForSequenceClassification` (SST-2, MRPC pairs) or `…ForTokenClassification`
+(CoNLL-2003) on the packaged MiniLM with nothing but transformers and torch (every weight,
+embeddings and LayerNorms included: what a user brings), on a seeded subset of the training set
+(`--train-rows`, 2,000 by default: small enough for a shared CPU), and saves it with
+`save_pretrained`, with 256 further training texts as its calibration file. `measure` scores that
+checkpoint on the dev set with transformers (accuracy; MRPC also F1; CoNLL entity F1, a word's
+label from its first sub-token), imports it at each budget, serves each delta with the engine on
+dev, and records score, label agreement (per text; per word for CoNLL), bytes, import wall/CPU time,
+what was carried and the representation of every module. `lora` exports a trained LoRA delta (a
+merged LoRA: W + B·A in float32), imports it back, and records how exactly it returns and at what
+bytes against the LoRA's own. `table` renders RESULTS.md's tables from the JSON files.
 """
 
 from __future__ import annotations
@@ -222,24 +226,29 @@ def merged_lora(delta_path: Path, json_path: Path, out_dir: Path) -> None:
     json_path.write_text(json.dumps(out, indent=2))
 
 
-def table(sst2_json: Path, lora_json: Path) -> str:
-    """RESULTS.md's import tables, rendered from the two JSON files."""
-    results = json.loads(sst2_json.read_text())
-    base = results["original_dev_accuracy"]
-    size = results["checkpoint_file_bytes"]
-    lines = ["| budget | delta bytes | of the checkpoint | served dev acc. | vs original | dev label agreement "
-             "| calibration agreement (ceiling) | import wall / CPU s | modules |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for entry in sorted(results["imports"], key=lambda e: -e["budget_bytes"]):
-        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(entry["representations"].items()))
-        ranks = sorted(m["rank"] for m in entry["modules"])
-        lines.append(
-            f"| 1/{size / entry['budget_bytes']:.0f} | {entry['delta_bytes']:,} "
-            f"| 1/{1 / entry['fraction_of_checkpoint']:.1f} | {100 * entry['served_dev_accuracy']:.2f} "
-            f"| {100 * (entry['served_dev_accuracy'] - base):+.2f} | {100 * entry['dev_label_agreement']:.2f} "
-            f"| {100 * entry['calibration_fidelity']['label_agreement']:.2f} "
-            f"({100 * entry['carried_ceiling']['label_agreement']:.2f}) | {entry['import_seconds']:.0f} / "
-            f"{entry['import_cpu_seconds']:.0f} | {kinds}; ranks {ranks[0]}–{ranks[-1]} |")
+def table(task_jsons: list[Path], lora_json: Path) -> str:
+    """RESULTS.md's import tables, rendered from the JSON files (one per task, and the merged LoRA)."""
+    lines = ["| task | budget | delta bytes | of the checkpoint | served dev | original | vs original "
+             "| dev label agreement | calibration agreement (ceiling) | import CPU s | carried beyond ΔW | modules |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in task_jsons:
+        if not path.is_file():
+            continue
+        results = json.loads(path.read_text())
+        metric, size = results["metric"], results["checkpoint_file_bytes"]
+        base = results["original"][metric]
+        for entry in sorted(results["imports"], key=lambda e: -e["budget_bytes"]):
+            kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(entry["representations"].items()))
+            ranks = sorted(m["rank"] for m in entry["modules"])
+            carried = ", ".join(kind.replace("_", " ") for kind in entry["carried"]) or "none"
+            lines.append(
+                f"| {results['task']} ({metric.replace('_', ' ')}) | 1/{size / entry['budget_bytes']:.0f} "
+                f"| {entry['delta_bytes']:,} | 1/{1 / entry['fraction_of_checkpoint']:.1f} "
+                f"| {100 * entry['served'][metric]:.2f} | {100 * base:.2f} "
+                f"| {100 * (entry['served'][metric] - base):+.2f} | {100 * entry['dev_label_agreement']:.2f} "
+                f"| {100 * entry['calibration_fidelity']['label_agreement']:.2f} "
+                f"({100 * entry['carried_ceiling']['label_agreement']:.2f}) | {entry['import_cpu_seconds']:.0f} "
+                f"| {carried} | {kinds}; ranks {ranks[0]}–{ranks[-1]} |")
     lora = json.loads(lora_json.read_text())
     lines += ["", f"Merged LoRA ({lora['delta']}, {lora['lora_modules']} modules): {lora['representations']}, "
               f"ranks equal to the LoRA's: {lora['ranks_equal']}; {lora['imported_bytes']:,} bytes against the "
@@ -265,6 +274,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=False)
     parser.add_argument("--data", type=Path, default=Path("data"), help="folder with sst2/train.tsv and dev.tsv")
     args = parser.parse_args()
+    if args.step != "finetune":
+        torch.set_num_threads(1)  # the forwards' CPU time, as the import measures its own (see its docstring)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     task = TASKS[args.task]
     if args.step == "finetune":
@@ -273,7 +284,7 @@ def main() -> None:
         budgets = [int(b) for b in args.budgets.split(",")]
         measure(args.data, args.out_dir, task, budgets, args.json or Path(f"results/import/{task.name}.json"))
     elif args.step == "table":
-        print(table(args.json or Path("results/import/sst2.json"), Path("results/import/merged-lora.json")))
+        print(table([Path(f"results/import/{name}.json") for name in TASKS], Path("results/import/merged-lora.json")))
     else:
         merged_lora(args.delta, args.json or Path("results/import/merged-lora.json"), args.out_dir)
 

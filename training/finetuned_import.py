@@ -17,11 +17,17 @@ the cheapest of the format's parts that carries that ΔW at the fidelity asked:
   truncation error).
 
 The head comes along (the classifier; the pooler as `head.pooler.*` when it changed), labels
-from `id2label`. What the format cannot carry — embeddings, LayerNorms, biases — is reported
-with its measured effect: the original model is run again with each of them set back to the
-backbone's. Finally the fidelity gate runs the original with transformers and the delta with the
-serving engine on the calibration texts and compares labels and probabilities; below the
-threshold nothing is written unless forced.
+from `id2label`. Biases, LayerNorms, positions and token types come along as their own parts
+(bias deltas, norm deltas, the embedding shift), bought before any rank: on a MiniLM fine-tuned
+on SST-2 they decided 3.7 % of the dev labels for 0.12 % of the bytes. Each bias delta also
+takes the truncated ΔW's mean effect, `(ΔW − carried) · μ`, μ the module's mean calibration input.
+What the format cannot carry — the word embeddings — is reported with its measured effect: the
+original model is run again with them set back to the backbone's. Finally the fidelity gate runs
+the original with transformers and the delta with the serving engine on the calibration texts and
+compares labels and probabilities; below the threshold nothing is written unless forced.
+
+Torch runs on one thread during an import: on a 2-core machine shared with training, two threads
+took 2.4× the CPU time of one for a forward and 9× for an SVD (spinning), for no better wall time.
 """
 
 from __future__ import annotations
