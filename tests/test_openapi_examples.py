@@ -37,7 +37,7 @@ def test_every_route_has_examples(tiny_backbone, tmp_path):
     assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
 
 
-MAPS = {"scores", "bytes_by_part", "linear_modules"}
+MAPS = {"scores", "bytes_by_part", "linear_modules", "layer_norms"}
 
 
 def fits(example: Any, answer: Any, where: str = "") -> None:

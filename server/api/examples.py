@@ -72,6 +72,8 @@ BACKBONE = {
     "linear_modules": {"encoder.layer.0.attention.self.query": [384, 384],
                        "encoder.layer.0.intermediate.dense": [1536, 384],
                        "encoder.layer.0.output.dense": [384, 1536], "pooler.dense": [384, 384]},
+    "layer_norms": {"embeddings.LayerNorm": 384, "encoder.layer.0.attention.output.LayerNorm": 384,
+                    "encoder.layer.0.output.LayerNorm": 384},
     "pooling": "mean",
 }
 
