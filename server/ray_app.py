@@ -70,7 +70,11 @@ class ServeBatcher:
         """The routes' entry point, as `Batcher.predict`: tokenise in the tokenizer thread, then queue."""
         if self._closing:
             raise ShuttingDown()
-        encoded = await self._runner.tokenizer.encode(inputs, max_length)
+        try:
+            encoded = await self._runner.tokenizer.encode(inputs, max_length)
+        except asyncio.CancelledError:  # the client left while it tokenised
+            self._metrics.abandoned.inc()
+            raise
         return await self.submit(Job(task, inputs, encoded, max_length, tenant=tenant))
 
     async def submit(self, job: Job) -> Answer:
@@ -80,6 +84,11 @@ class ServeBatcher:
         self._metrics.queue_depth.set(self._waiting)
         try:
             result = await self._batched(job)
+        except asyncio.CancelledError:
+            # The client left: Ray Serve's proxy cancels the replica's handling, as DisconnectMiddleware does on
+            # the plain server, and @serve.batch leaves a cancelled request out of the batch it forms.
+            self._metrics.abandoned.inc()
+            raise
         finally:
             self._waiting -= 1
             self._metrics.queue_depth.set(self._waiting)
