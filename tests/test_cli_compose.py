@@ -1,14 +1,16 @@
-"""Deployment files: the compose file parses (when a compose tool is installed), and the install
-steps of README, Dockerfile and .ci/run stay the same."""
+"""Deployment files: the compose files parse (when a compose tool is installed), their stop and failover
+settings hold, and the install steps of README, Dockerfile and .ci/run stay the same."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,3 +60,39 @@ def test_cluster_compose_file_is_valid():
         assert expected in config.stdout, expected
     nginx = (REPO / "deploy" / "nginx.conf").read_text()
     assert "server replica-a:8000" in nginx and "server replica-b:8000" in nginx
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`60s`, `1m30s`) in seconds."""
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert match and duration, duration
+    return int(match.group(1) or 0) * 60 + int(match.group(2) or 0)
+
+
+def default_of(value: str) -> str:
+    """`${VAR:-default}` -> default (what compose uses when VAR is unset)."""
+    match = re.fullmatch(r"\$\{\w+:-(.+)\}", value)
+    return match.group(1) if match else value
+
+
+def test_orchestrator_waits_longer_than_the_server_and_the_cluster_fails_over():
+    """Read from the files themselves (no compose tool needed): a stop gives each deltaserve service more
+    time than its own shutdown grace (else SIGKILL lands mid-drain), SeaweedFS is pinned and given time to
+    flush, and nginx takes a stopped or draining replica out instead of waiting 60 s on it."""
+    for name in ("docker-compose.yml", "docker-compose.cluster.yml"):
+        services = yaml.safe_load((REPO / name).read_text())["services"]
+        servers = {key: s for key, s in services.items() if "DELTASERVE_SHUTDOWN_GRACE_S" in s.get("environment", {})}
+        assert servers, name
+        for key, service in servers.items():
+            grace = float(service["environment"]["DELTASERVE_SHUTDOWN_GRACE_S"])
+            assert seconds(service["stop_grace_period"]) > grace, (name, key)
+    cluster = yaml.safe_load((REPO / "docker-compose.cluster.yml").read_text())["services"]
+    image = default_of(cluster["seaweedfs"]["image"])
+    assert re.fullmatch(r"chrislusf/seaweedfs:\d+\.\d+", image), image  # a release, not `latest`
+    assert seconds(cluster["seaweedfs"]["stop_grace_period"]) > 10  # docker's default killed it mid-flush
+    nginx = (REPO / "deploy" / "nginx.conf").read_text()
+    connect = re.search(r"proxy_connect_timeout (\d+)s;", nginx)
+    assert connect and int(connect.group(1)) <= 5
+    assert nginx.count("max_fails=") == 2 and nginx.count("fail_timeout=") == 2
+    retry = re.search(r"proxy_next_upstream ([^;]+);", nginx)
+    assert retry and {"error", "timeout", "http_503", "non_idempotent"} <= set(retry.group(1).split())
