@@ -28,6 +28,8 @@ from safetensors import safe_open
 
 from adapters_store.format import (
     DEFAULT_POOLING,
+    EMBEDDING_KEYS,
+    NORM_SUFFIXES,
     InvalidDelta,
     module_part_of_suffix,
     parse_delta,
@@ -333,6 +335,10 @@ def _parts_without_backbone(path: Path) -> dict[str, int]:
                 part = "PastaVectors"
             elif key.endswith(".head_keep"):
                 part = "HeadKeep"
+            elif key in EMBEDDING_KEYS:
+                part = "EmbeddingShift"
+            elif key.rpartition(".")[2] in NORM_SUFFIXES:
+                part = "NormDelta"
             else:  # the registry knows which part owns each module suffix
                 owner = module_part_of_suffix(key.rpartition(".")[2])
                 part = owner.__name__ if owner is not None else "unknown"

@@ -13,8 +13,8 @@ from server.cli import build_parser, main, settings_from_args
 
 
 def test_inspect_with_and_without_backbone(tiny_backbone, tokenizer, tmp_path, capsys):
-    data = build_delta(tiny_backbone, parts=("keep", "lora", "sparse", "head_keep", "pasta"), pooler_head=True,
-                       description="all parts")
+    data = build_delta(tiny_backbone, parts=("keep", "lora", "sparse", "bias", "norms", "head_keep", "pasta"),
+                       pooler_head=True, description="all parts")
     path = tmp_path / "d.safetensors"
     path.write_bytes(data)
     expected = parse_delta(data, tiny_backbone.spec()).bytes_by_part()
@@ -22,6 +22,7 @@ def test_inspect_with_and_without_backbone(tiny_backbone, tokenizer, tmp_path, c
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bytes_by_part"] == expected and report["file_bytes"] == len(data)
+    assert {"BiasDelta", "NormDelta", "EmbeddingShift"} <= set(expected)
     assert report["metadata"]["description"] == "all parts" and "not validated" in report["validation"]
 
     folder = tmp_path / "backbone"

@@ -80,6 +80,12 @@ def uploads(bb) -> list[tuple[str, bytes, str]]:
         ("bias delta NaN", build_delta(bb, extra={f"{Q}.bias_delta": torch.full((32,), float("nan"))}),
          f"{Q}.bias_delta"),
         ("bias delta F64", with_raw_tensor(good, f"{Q}.bias_delta", "F64", [32], bytes(256)), f"{Q}.bias_delta"),
+        ("norm delta of the wrong width",
+         build_delta(bb, extra={"encoder.layer.0.output.LayerNorm.norm_weight_delta": torch.zeros(31)}),
+         "encoder.layer.0.output.LayerNorm.norm_weight_delta"),
+        ("position shift past the backbone's positions",
+         build_delta(bb, extra={"embeddings.position_delta": torch.zeros(bb.max_positions + 1, bb.hidden_size)}),
+         "embeddings.position_delta"),
         ("huge layer index", with_raw_tensor(good, f"layers.{'9' * 5000}.head_keep", "U8", [4], bytes(4)),
          "layers.9999"),
     ]
