@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from server.settings import add_token_flags, client_token
+from training.finetuned_import import DEFAULT_MAX_MEAN_PROB_DIFF, DEFAULT_MIN_AGREEMENT
 from training.methods import add_all_arguments, make_method, registry
 
 
@@ -100,8 +101,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                      "a small built-in set")
     fin.add_argument("--budget-bytes", type=int,
                      help="bytes for the whole delta (default: 1/16 of the checkpoint's weights)")
-    fin.add_argument("--min-agreement", type=float, default=0.95, help="gate: least label agreement")
-    fin.add_argument("--max-mean-prob-diff", type=float, default=0.05,
+    fin.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                     help="gate: least label agreement")
+    fin.add_argument("--max-mean-prob-diff", type=float, default=DEFAULT_MAX_MEAN_PROB_DIFF,
                      help="gate: largest mean (over texts) of the largest class-probability difference")
     fin.add_argument("--max-length", type=int, help="max_length metadata of the delta")
     fin.add_argument("--description", default="")

@@ -65,8 +65,11 @@ FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 # start from this backbone: fine-tuning moves them by about 1 %.
 MAX_RELATIVE_CHANGE = 0.5
 DEFAULT_BUDGET_FRACTION = 16  # default --budget-bytes: 1/16 of the checkpoint's weights
-DEFAULT_MIN_AGREEMENT = 0.95
-DEFAULT_MAX_MEAN_PROB_DIFF = 0.05
+# The gate's defaults: met by every import of the RESULTS.md table from 1/30 of the checkpoint up
+# (calibration agreement 99.2-100 %, mean probability difference at most 0.006) once biases,
+# LayerNorms and the embedding shift were carried; 0.95 / 0.05 before, when those were dropped.
+DEFAULT_MIN_AGREEMENT = 0.98
+DEFAULT_MAX_MEAN_PROB_DIFF = 0.02
 # Bias deltas, LayerNorm deltas and the embedding shift are stored in float16 (their rounding, 5e-4 of
 # each change, is far below what they fix) and carried whenever all of them together take at most this
 # share of the tensor budget.
