@@ -53,6 +53,7 @@ TASKS = {
     "conll": BenchTask("conll", "token-classification", "conll2003/train.txt", "conll2003/dev.txt",
                        ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"), 64),
 }
+CARRIED_NAMES = {"biases": "biases", "layer_norms": "LayerNorms", "position_embeddings": "positions + token types"}
 LABEL_NAMES = {"sst2": ("negative", "positive"), "mrpc": ("not_equivalent", "equivalent")}
 
 
@@ -241,7 +242,7 @@ def table(task_jsons: list[Path], lora_json: Path) -> str:
         for entry in sorted(results["imports"], key=lambda e: -e["budget_bytes"]):
             kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(entry["representations"].items()))
             ranks = sorted(m["rank"] for m in entry["modules"])
-            carried = ", ".join(kind.replace("_", " ") for kind in entry["carried"]) or "none"
+            carried = ", ".join(CARRIED_NAMES.get(kind, kind) for kind in entry["carried"]) or "none"
             lines.append(
                 f"| {results['task']} ({metric.replace('_', ' ')}) | 1/{size / entry['budget_bytes']:.0f} "
                 f"| {entry['delta_bytes']:,} | 1/{1 / entry['fraction_of_checkpoint']:.1f} "
