@@ -103,3 +103,27 @@ def s3_endpoint(tmp_path_factory) -> str:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_instance(s3_endpoint):
+    """One local Ray for the whole suite (each start costs seconds, and on a loaded machine Ray's own 5 s
+    readiness check of its HTTP proxy failed): modules deploy on it with `serve.start`/`serve.shutdown`.
+    Its processes see the S3 server and this checkout; the proxy checks wait up to 60 s."""
+    ray = pytest.importorskip("ray")
+    checkout = str(Path(__file__).resolve().parents[1])
+    env = {key: os.environ[key] for key in os.environ if key.startswith("AWS_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH", "")) if p)
+    patience = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    saved = {key: os.environ.get(key) for key in patience}
+    os.environ.update(patience)  # Ray's processes inherit the driver's environment
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {**env, **patience}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,17 +1,16 @@
 """Ray Serve: a predict whose client goes away while it waits in a replica's queue never reaches the engine,
 as on the plain server (tests/test_abandoned_requests.py), and is counted the same way.
 
-One replica on a local Ray instance with a folder store. Its `@serve.batch` waits (almost) forever for a
-second request, so the first one is certainly still queued when its client closes the connection; the
-batch formed next holds the abandoned request's place and only the live rows are computed.
+One replica with a folder store, on the suite's one Ray instance (tests/conftest.py). Its
+`@serve.batch` waits (almost) forever for a second request, so the first one is certainly still
+queued when its client closes the connection; the batch formed next holds the abandoned
+request's place and only the live rows are computed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,10 +22,7 @@ from test_http_lifecycle import save_backbone
 from server.settings import Settings
 
 serve = pytest.importorskip("ray.serve")
-ray = pytest.importorskip("ray")
 from server.ray_app import application  # noqa: E402 (needs ray)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def metric(url: str, name: str) -> float:
@@ -35,19 +31,12 @@ def metric(url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_request_abandoned_in_the_replica_queue_never_reaches_the_engine(tokenizer, tmp_path, monkeypatch):
-    # Ray's own 5 s readiness check of its proxy failed on a loaded machine (and Ray then killed the proxy);
-    # Ray's processes inherit these from the driver.
-    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+def test_a_request_abandoned_in_the_replica_queue_never_reaches_the_engine(ray_instance, tokenizer, tmp_path):
     backbone = save_backbone(tokenizer, tmp_path / "backbone")
     settings = Settings(store=str(tmp_path / "store"), backbone=str(tmp_path / "backbone"), replicas=1, threads=1,
                         demo=False, admin_token="s3cret", max_batch_requests=2, batch_wait_ms=600_000,
                         host="127.0.0.1", port=free_port(), ray_replica_cpus=0.5)
     url = f"http://{settings.host}:{settings.port}"
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(application(settings), name="deltaserve", route_prefix="/")
@@ -71,4 +60,3 @@ def test_a_request_abandoned_in_the_replica_queue_never_reaches_the_engine(token
         assert metric(url, "deltaserve_batch_requests_sum") == 3
     finally:
         serve.shutdown()
-        ray.shutdown()

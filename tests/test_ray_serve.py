@@ -8,7 +8,6 @@ by both; `/memory` says which replica answered and what it holds.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import time
 import uuid
@@ -31,23 +30,19 @@ NER = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint, tokenizer, tmp_path_factory):
-    """(proxy URL, backbone) of a Ray Serve app with two replicas; one Ray instance for the module."""
+def cluster(ray_instance, tokenizer, tmp_path_factory):
+    """(proxy URL, backbone) of a Ray Serve app with two replicas, on the suite's one Ray instance."""
     folder = tmp_path_factory.mktemp("ray")
     backbone = save_backbone(tokenizer, folder / "backbone")
     settings = Settings(store=f"s3://deltaserve-tests/ray-{uuid.uuid4().hex[:8]}", backbone=str(folder / "backbone"),
                         replicas=2, store_poll_s=0.3, threads=1, demo=False, admin_token="s3cret",
                         batch_wait_ms=50, host="127.0.0.1", port=free_port(), ray_replica_cpus=0.5)
-    env = {key: os.environ[key] for key in os.environ if key.startswith("AWS_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(application(settings), name="deltaserve", route_prefix="/")
         yield f"http://{settings.host}:{settings.port}", backbone
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def deltas(backbone) -> dict[str, tuple[bytes, list]]:
