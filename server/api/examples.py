@@ -22,7 +22,7 @@ FINGERPRINT = "sha256:de66bc42eb878235190694c1d73c5823"
 
 TASK_INFO = {
     "name": "sst2-mask", "version": 1, "sha256": "3f1d0c52a8e4b1f7a9d2e6c0b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6",
-    "delta_bytes": 909256, "created_at": "2026-11-30T10:12:03.123Z", "method": "mask",
+    "delta_bytes": 890760, "created_at": "2026-11-30T10:12:03.123Z", "method": "mask",
     "task_type": "sequence-classification", "labels": ["negative", "positive"], "description": "",
     "problem_type": "single_label", "max_length": 64, "word_piece": "first", "backbone_fingerprint": FINGERPRINT,
     "head_bytes": 3080, "bytes_by_part": {"KeepMask": 903168, "TaskHead": 3080}, "owner": None,
@@ -53,11 +53,11 @@ TOKEN_ANSWER = {"task": "conll-ner", "version": 1, "predictions": [{
 MEMORY = {
     "backbone_bytes": 90852864, "num_tasks": 4,
     "tasks": [{"name": "conll-ner", "method": "lora", "delta_bytes": 311884, "head_bytes": 13860},
-              {"name": "sst2-dsee", "method": "dsee", "delta_bytes": 1636856, "head_bytes": 3080},
-              {"name": "sst2-mask", "method": "mask", "delta_bytes": 909256, "head_bytes": 3080},
-              {"name": "sst2-pasta", "method": "pasta", "delta_bytes": 22024, "head_bytes": 3080}],
-    "delta_bytes_total": 2880020, "serving_bytes": 93732884, "finetuned_copies_bytes": 363434556,
-    "saved_bytes": 269701672, "saved_fraction": 0.7421, "resident_delta_bytes": 2446812,
+              {"name": "sst2-dsee", "method": "dsee", "delta_bytes": 1636872, "head_bytes": 3080},
+              {"name": "sst2-mask", "method": "mask", "delta_bytes": 890760, "head_bytes": 3080},
+              {"name": "sst2-pasta", "method": "pasta", "delta_bytes": 22040, "head_bytes": 3080}],
+    "delta_bytes_total": 2861556, "serving_bytes": 93714420, "finetuned_copies_bytes": 363434556,
+    "saved_bytes": 269720136, "saved_fraction": 0.7421, "resident_delta_bytes": 2446812,
     "resident": [{"name": "sst2-dsee", "version": 1, "bytes": 1540720},
                  {"name": "sst2-mask", "version": 1, "bytes": 906092}],
     "replica": None,
