@@ -1,5 +1,5 @@
 """`python -m server ...` is the `deltaserve` command."""
 
-from server.cli import main
+from server.cli import command
 
-raise SystemExit(main())
+command()

@@ -50,6 +50,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def command() -> typing.NoReturn:
+    """The `deltaserve` command (and `python -m server`): `main()`, then exit without the interpreter's
+    final garbage collection. Measured on a 2-core machine: after a drain, a served MiniLM process spent
+    29 s tearing down its object graph (torch, transformers) before it exited, and in a container the
+    orchestrator's kill came first, so a clean stop looked like a crash. By then nothing is left to do:
+    the store commits before it answers, the atexit handlers run, the logs and streams are flushed.
+    Tests call `main()` in-process; only the command exits this way."""
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse's 2, a failed start's 3, a graceful SIGTERM's 0
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description="Multi-task inference on one frozen encoder.")
     parser.add_argument("--version", action="version", version=f"deltaserve {package_version()}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from delta_builders import build_delta
@@ -61,3 +62,24 @@ def test_every_command_is_there(capsys):
     for command in ("serve", "inspect", "push", "train", "import-peft"):
         assert command in out
     assert main([]) == 2
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("outcome", "code"), [(lambda: 0, 0), (lambda: 3, 3), (lambda: sys.exit(2), 2),
+                                               (lambda: sys.exit("bad --flag"), 1)])
+def test_the_command_exits_with_mains_status_without_the_final_collection(monkeypatch, capsys, outcome, code):
+    import server.cli as cli
+
+    def fake_exit(status: int) -> None:
+        raise _Exited(status)
+
+    monkeypatch.setattr(cli, "main", outcome)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(_Exited) as exited:
+        cli.command()
+    assert exited.value.args == (code,)
+    if code == 1:
+        assert "bad --flag" in capsys.readouterr().err
