@@ -143,6 +143,7 @@ def test_triton_backend_half_precision_on_gpu(tokenizer, dtype):
 def test_task_slots_are_filled_once_grow_and_are_freed_with_the_task(tokenizer):
     """Per-task device tables: a slot per resident task, its pointers written once, freed on eviction."""
     import gc
+    import weakref
 
     backbone = Backbone(make_tiny_model("bert"), tokenizer, "tiny", device="cpu", backend="triton")
     tables = Engine(backbone).backend.tables
@@ -157,8 +158,11 @@ def test_task_slots_are_filled_once_grow_and_are_freed_with_the_task(tokenizer):
     assert tables.pointers[mask, module, slots[0]].item() == deltas[0].modules[name].keep.packed.data_ptr()
     assert tables.host_masked[slots[0], module]
     freed = slots[5]
+    evicted = weakref.ref(deltas[5])
     del deltas[5]  # the cache evicted it and no batch holds it
     gc.collect()
+    holders = [type(r).__name__ for r in gc.get_referrers(evicted())] if evicted() is not None else []
+    assert evicted() is None, f"the evicted delta is still referenced by {holders}"
     assert len(tables) == len(deltas)
     newcomer = prepare(make_delta(backbone, ("sparse",), seed=99), backbone, "new", 1)
     assert tables.slot(newcomer) == freed
