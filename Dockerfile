@@ -73,7 +73,7 @@ VOLUME /data
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 # The port the server listens on (DELTASERVE_PORT may be changed at `docker run -e`), not a fixed 8000.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('DELTASERVE_PORT', '8000'), timeout=4)"
+HEALTHCHECK --interval=10s --timeout=30s --start-period=60s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('DELTASERVE_PORT', '8000'), timeout=20)"
 # A new store gets the demo tasks of demo/ (see README); DELTASERVE_DEMO=false turns that off.
 CMD ["deltaserve", "serve"]

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from adapters_store.format import MODULE_PARTS
 from server.backbone import Backbone
 from server.backends import selfcheck
 from server.backends.choice import start_engine
@@ -86,3 +87,13 @@ def test_health_and_memory_say_which_backend_serves(tokenizer, tmp_path):
         assert health["backend"] == "cpu" and health["backend_reason"] == "requested"
         memory = client.get("/memory", headers={"Authorization": "Bearer s3cret"}).json()
         assert memory["backend"] == "cpu"
+
+
+def test_the_start_up_batch_has_every_kind_of_part_and_both_poolings(tokenizer):
+    """A part the check's tasks lack is a part a broken kernel could serve wrong unnoticed."""
+    tasks = selfcheck.synthetic_tasks(_backbone(tokenizer))
+    kinds = {type(part).__name__ for task in tasks for part in task.parts()}
+    wanted = {cls.__name__ for cls in MODULE_PARTS.values()} | {"HeadKeep", "PastaVectors", "NormDelta",
+                                                                 "EmbeddingShift"}
+    assert wanted <= kinds, f"missing from the start-up check: {sorted(wanted - kinds)}"
+    assert {task.meta.pooling for task in tasks} == {"cls", "mean"}

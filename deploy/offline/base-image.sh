@@ -15,9 +15,10 @@ set -euo pipefail
 tag=${1:-deltaserve-base:bookworm}
 rootfs=${2:-$(mktemp -d "${TMPDIR:-/tmp}/deltaserve-rootfs.XXXXXX")}
 suite=${DEBIAN_SUITE:-bookworm}
-# The mirror apt uses here (deb822 or one-line sources), else Debian's.
-mirror=${DEBIAN_MIRROR:-$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-    | grep -v security | head -n 1 || true)}
+# The mirror apt uses here (deb822 or one-line sources; commented lines skipped: a snapshot URL in a
+# comment is not what apt fetches), else Debian's.
+mirror=${DEBIAN_MIRROR:-$(grep -rhvE '^[[:space:]]*#' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+    | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -n 1 || true)}
 mirror=${mirror:-http://deb.debian.org/debian}
 
 if [ ! -f "$rootfs/etc/debian_version" ]; then

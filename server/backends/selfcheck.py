@@ -6,8 +6,9 @@ driver. So at start on CUDA, before any request:
 
 1. the kernels are warmed up over every specialisation serving can meet (`triton_ops.warm_up`):
    compiles and autotuning happen here, never under the engine lock while serving;
-2. one small mixed batch of synthetic tasks (keep masks, low rank, sparse, head keep, PASTA, a
-   head-only task; the batch's rows interleaved) runs through the Triton backend and through
+2. one small mixed batch of synthetic tasks (keep masks, low rank, sparse, bias, LayerNorm and
+   embedding deltas, head keep, PASTA, mean pooling, a head-only task; the batch's rows
+   interleaved) runs through the Triton backend and through
    the `cpu` backend — the formula in plain torch ops, per task segment — on the same GPU, in the
    same dtype, and the logits are compared.
 
@@ -19,15 +20,18 @@ backend serves, and why, is what `/health` and `/memory` report (`BackendChoice`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from adapters_store.format import (
+    BiasDelta,
     DeltaMeta,
+    EmbeddingShift,
     HeadKeep,
     KeepMask,
     LowRank,
+    NormDelta,
     PastaVectors,
     SparseUpdate,
     TaskDelta,
@@ -57,7 +61,8 @@ class BackendCheckFailed(RuntimeError):
 
 
 def synthetic_tasks(backbone) -> list[TaskDelta]:
-    """Three small tasks that exercise every part the kernels serve, for this backbone's shapes."""
+    """Three small tasks that exercise every part the kernels serve and both poolings, for this backbone's
+    shapes."""
     gen = torch.Generator().manual_seed(0)
     d = backbone.hidden_size
     modules = sorted(backbone.linear_modules)
@@ -78,13 +83,23 @@ def synthetic_tasks(backbone) -> list[TaskDelta]:
         if index % 4 == 1:
             parts.append(SparseUpdate(name, (out_f, in_f), torch.randperm(out_f * in_f, generator=gen)[:16],
                                       torch.randn(16, generator=gen) * 0.05))
+        if index % 5 == 2:
+            parts.append(BiasDelta(name, torch.randn(out_f, generator=gen) * 0.05))
     keep_heads = torch.ones(backbone.num_heads, dtype=torch.uint8)
     keep_heads[0] = 0
-    everything = TaskDelta.from_parts(meta, head(), parts, {0: HeadKeep(0, keep_heads)})
+    norms = [NormDelta(name, torch.randn(width, generator=gen) * 0.05, torch.randn(width, generator=gen) * 0.05)
+             for name, width in sorted(backbone.layer_norms.items())[::2]]
+    shift = None
+    if backbone.embedding_norm is not None:
+        token_types = (torch.randn(backbone.type_vocab_size, d, generator=gen) * 0.05
+                       if backbone.type_vocab_size else None)
+        shift = EmbeddingShift(torch.randn(4, d, generator=gen) * 0.05, token_types)
+    everything = TaskDelta.from_parts(meta, head(), parts, {0: HeadKeep(0, keep_heads)}, None, norms, shift)
     low_rank = [LowRank(name, torch.randn(4, backbone.linear_modules[name][1], generator=gen) * 0.05,
                         torch.randn(backbone.linear_modules[name][0], 4, generator=gen) * 0.05)
                 for name in modules[1::2]]
-    pasta = TaskDelta.from_parts(meta, head(), low_rank, {},
+    mean_pooled = replace(meta, pooling="mean")
+    pasta = TaskDelta.from_parts(mean_pooled, head(), low_rank, {},
                                  PastaVectors(torch.randn(backbone.num_layers, 3, d, generator=gen) * 0.1))
     return [everything, pasta, TaskDelta.from_parts(meta, head())]
 
