@@ -257,6 +257,11 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _present(keyed: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The file's tensors of a part whose pieces are each optional (an absent one is zero, not stored)."""
+    return {key: tensor for key, tensor in keyed.items() if tensor is not None}
+
+
 def _check_float(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
         raise InvalidDelta(key, f"dtype must be float32, float16 or bfloat16, got {tensor.dtype}")
@@ -547,8 +552,7 @@ class NormDelta:
         return cls(module, found.get("norm_weight_delta"), found.get("norm_bias_delta"))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"{self.module}.norm_weight_delta": self.weight, f"{self.module}.norm_bias_delta": self.bias}
-        return {key: tensor for key, tensor in out.items() if tensor is not None}
+        return _present({f"{self.module}.norm_weight_delta": self.weight, f"{self.module}.norm_bias_delta": self.bias})
 
     @property
     def nbytes(self) -> int:
@@ -583,8 +587,7 @@ class EmbeddingShift:
         return cls(position, token_type)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(zip(EMBEDDING_KEYS, (self.position, self.token_type), strict=True))
-        return {key: tensor for key, tensor in out.items() if tensor is not None}
+        return _present(dict(zip(EMBEDDING_KEYS, (self.position, self.token_type), strict=True)))
 
     @property
     def nbytes(self) -> int:
@@ -688,19 +691,16 @@ class TaskHead:
             return self.classifier_weight.shape[0]
         return hidden_size if self.projection_weight is None else self.projection_weight.shape[0]
 
-    def _tensors(self) -> dict[str, torch.Tensor | None]:
-        return {
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return _present({
             "head.classifier.weight": self.classifier_weight, "head.classifier.bias": self.classifier_bias,
             "head.pooler.weight": self.pooler_weight, "head.pooler.bias": self.pooler_bias,
             "head.projection.weight": self.projection_weight, "head.projection.bias": self.projection_bias,
-        }
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {key: tensor for key, tensor in self._tensors().items() if tensor is not None}
+        })
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(*self._tensors().values())
+        return _nbytes(*self.tensors().values())
 
 
 Part = ModulePart | HeadKeep | PastaVectors | TaskHead | NormDelta | EmbeddingShift
