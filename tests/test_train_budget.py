@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import types
 from pathlib import Path
 
@@ -336,3 +337,16 @@ def test_sweep_grid_commands_and_summary(tmp_path):
     row = next(line for line in table.splitlines() if "| lora |" in line)
     assert "79.50 ± 0.71" in row and "81.00 ± 1.41 (2)" in row and "-1.50" in row and "✗" in row
     assert EVAL_SENTENCES  # the shared fixtures' data is what the CLI tests above train on
+
+
+def test_sweep_tags_each_report_when_its_run_ends(tmp_path, monkeypatch):
+    """A finished run counts in the summary even if the sweep is stopped before its end (tagging happened
+    only after the last run, so an interrupted sweep's reports were invisible to --summary)."""
+    plan = sweep.Plan(Path("/data"), tmp_path, [sweep.Run("mrpc", "lora", 43), sweep.Run("mrpc", "mask", 43)])
+    write = ("import json, sys; json.dump({'method': sys.argv[1], 'eval_f1': 0.8, 'train_examples': 9, "
+             "'train_cpu_seconds': 1.0, 'wall_seconds': 1.0, 'epochs': 1, 'best_epoch': 1}, open(sys.argv[2], 'w'))")
+    monkeypatch.setattr(sweep, "command", lambda plan, run: [sys.executable, "-c", write, run.method,
+                                                               str(plan.out / f"{run.name}.json")])
+    assert sweep.execute(plan, jobs=1, nice=0, dry_run=False) == []
+    reports = sweep.load_reports([tmp_path])
+    assert sorted(r["sweep"]["name"] for r in reports) == ["mrpc-lora-s43", "mrpc-mask-s43"]

@@ -137,6 +137,8 @@ def execute(plan: Plan, jobs: int, nice: int, dry_run: bool) -> list[str]:
             status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
             if process.returncode != 0:
                 failed.append(run.name)
+            else:  # tagged now, so that the summary counts it even if this sweep is stopped later
+                tag_report(plan, run)
             print(f"{status} {run.name} after {time.time() - begun:.0f} s", flush=True)
     return failed
 
@@ -204,18 +206,22 @@ def summarise(reports: Sequence[dict], tolerance: dict[str, float] | None = None
     return "\n".join(lines)
 
 
+def tag_report(plan: Plan, run: Run) -> None:
+    """Record in the run's report which sweep run it is (task, grid point), for the summary."""
+    path = plan.out / f"{run.name}.json"
+    if not path.exists():
+        return
+    report = json.loads(path.read_text())
+    if report.get("sweep", {}).get("name") == run.name:
+        return
+    report["sweep"] = {"name": run.name, "task": run.task, "seed": run.seed, "point": run.point,
+                       "command": command(plan, run)[1:]}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def tag_reports(plan: Plan) -> None:
-    """Record in each report which sweep run it is (task, grid point), for the summary."""
     for run in plan.runs:
-        path = plan.out / f"{run.name}.json"
-        if not path.exists():
-            continue
-        report = json.loads(path.read_text())
-        if report.get("sweep", {}).get("name") == run.name:
-            continue
-        report["sweep"] = {"name": run.name, "task": run.task, "seed": run.seed, "point": run.point,
-                           "command": command(plan, run)[1:]}
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        tag_report(plan, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
