@@ -336,6 +336,10 @@ def test_sweep_grid_commands_and_summary(tmp_path):
                              report("lora", 1, 0.79, "lr=1e-3"), report("lora", 2, 0.80, "lr=1e-3")])
     row = next(line for line in table.splitlines() if "| lora |" in line)
     assert "79.50 ± 0.71" in row and "81.00 ± 1.41 (2)" in row and "-1.50" in row and "✗" in row
+    # A method run on fewer seeds is compared with fine-tuning on those seeds only (the gap is paired).
+    table = sweep.summarise([report("finetune", 1, 0.80), report("finetune", 2, 0.90), report("mask", 1, 0.795)])
+    row = next(line for line in table.splitlines() if "| mask |" in line)
+    assert "80.00 ± 0.00 (1)" in row and "-0.50" in row and "✓" in row
     assert EVAL_SENTENCES  # the shared fixtures' data is what the CLI tests above train on
 
 

@@ -168,8 +168,8 @@ def load_reports(folders: Sequence[Path]) -> list[dict]:
 
 def summarise(reports: Sequence[dict], tolerance: dict[str, float] | None = None) -> str:
     """Markdown: per task, method and grid point, the headline metric's mean ± sd over seeds, the gap to
-    fine-tuning's mean on the same task and data size, and the training loop's CPU time and the whole run's
-    wall time against fine-tuning's (wall time includes waiting for a shared core; CPU time does not)."""
+    fine-tuning's mean on the same task, data size and seeds, and the training loop's CPU time and the whole
+    run's wall time against fine-tuning's (wall time includes waiting for a shared core; CPU time does not)."""
     tolerance = tolerance or {"pasta": 2.0}
     groups: dict[tuple, list[dict]] = {}
     for rep in reports:
@@ -187,7 +187,9 @@ def summarise(reports: Sequence[dict], tolerance: dict[str, float] | None = None
         mean, sd = _mean_sd([100 * r[f"eval_{headline}"] for r in reps])
         cpu = _mean_sd([r["train_cpu_seconds"] for r in reps])[0]
         wall = _mean_sd([r["wall_seconds"] for r in reps])[0]
-        base = groups.get((task, rows, YARDSTICK, "defaults"))
+        # Fine-tuning on the same seeds only (each seed draws its own data): the gap is paired.
+        seeds = {r["sweep"]["seed"] for r in reps}
+        base = [r for r in groups.get((task, rows, YARDSTICK, "defaults"), []) if r["sweep"]["seed"] in seeds]
         ft_cell = gap_cell = target_cell = cpu_cell = wall_cell = "–"
         if base and method != YARDSTICK:
             ft_mean, ft_sd = _mean_sd([100 * r[f"eval_{headline}"] for r in base])
