@@ -8,6 +8,7 @@ apart; a flag given on the command line wins over the environment, which wins ov
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import ipaddress
@@ -65,8 +66,6 @@ def command() -> typing.NoReturn:
         else:
             print(stop.code, file=sys.stderr)
             code = 1
-    import atexit
-
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

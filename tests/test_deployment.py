@@ -174,3 +174,15 @@ def test_the_image_refuses_a_torch_from_another_index(version, index, ok, tmp_pa
     assert (run.returncode == 0) == ok, run.stderr
     if not ok:
         assert "refusing it" in run.stderr and version in run.stderr
+
+
+def test_the_smoke_scripts_request_cap_is_the_servers_default(monkeypatch):
+    """deploy/smoke.py sizes its in-flight requests up to the server's `max_inputs`, a constant there (it
+    runs without the project): beyond the server's real default its requests would get 413."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smoke", REPO / "deploy" / "smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "smoke", smoke)  # its dataclasses look their module up
+    spec.loader.exec_module(smoke)
+    assert Settings.model_fields["max_inputs"].default == smoke.MAX_INPUTS

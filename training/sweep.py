@@ -222,6 +222,7 @@ def tag_report(plan: Plan, run: Run) -> None:
 
 
 def tag_reports(plan: Plan) -> None:
+    """Tag every report of the plan that exists (runs finished by an earlier, interrupted sweep too)."""
     for run in plan.runs:
         tag_report(plan, run)
 
