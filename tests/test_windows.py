@@ -121,8 +121,11 @@ def test_long_text_gets_every_entity_of_its_pieces(tmp_path):
                 expected.append((e["label"], e["text"], e["start"] + offset, e["end"] + offset, e["score"]))
             offset += len(piece) + 1
         (answer,) = client.post("/tasks/conll-ner/predict", json={"inputs": text}).json()["predictions"]
-    # Labels and spans equal; scores move a little with the neighbouring sentences, which a piece alone lacks.
-    got = [(e["label"], e["text"], e["start"], e["end"]) for e in answer["entities"]]
-    assert got == [e[:4] for e in expected]
+    # Spans equal. Labels and scores may move with the neighbouring sentences, which a piece alone lacks
+    # (run 3's CoNLL LoRA calls one "Toronto" ORG alone and LOC in context), so a few labels may differ.
+    assert [(e["text"], e["start"], e["end"]) for e in answer["entities"]] == [e[1:4] for e in expected]
+    relabelled = [(got["text"], got["start"]) for got, alone_entity in zip(answer["entities"], expected, strict=True)
+                  if got["label"] != alone_entity[0]]
+    assert len(relabelled) <= len(expected) // 10, relabelled
     window_end = minilm.encode([text], 128)[0].offsets[-2][1]  # where truncation used to cut
     assert sum(e[2] >= window_end for e in expected) > 2 * len(expected) // 3  # most entities lie past it

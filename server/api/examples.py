@@ -52,12 +52,12 @@ TOKEN_ANSWER = {"task": "conll-ner", "version": 1, "predictions": [{
 
 MEMORY = {
     "backbone_bytes": 90852864, "num_tasks": 4,
-    "tasks": [{"name": "conll-ner", "method": "lora", "delta_bytes": 311884, "head_bytes": 13860},
+    "tasks": [{"name": "conll-ner", "method": "lora", "delta_bytes": 1349236, "head_bytes": 13860},
               {"name": "sst2-dsee", "method": "dsee", "delta_bytes": 1636872, "head_bytes": 3080},
               {"name": "sst2-mask", "method": "mask", "delta_bytes": 890760, "head_bytes": 3080},
               {"name": "sst2-pasta", "method": "pasta", "delta_bytes": 22040, "head_bytes": 3080}],
-    "delta_bytes_total": 2861556, "serving_bytes": 93714420, "finetuned_copies_bytes": 363434556,
-    "saved_bytes": 269720136, "saved_fraction": 0.7421, "resident_delta_bytes": 2446812,
+    "delta_bytes_total": 3898908, "serving_bytes": 94751772, "finetuned_copies_bytes": 363434556,
+    "saved_bytes": 268682784, "saved_fraction": 0.7393, "resident_delta_bytes": 2446812,
     "resident": [{"name": "sst2-dsee", "version": 1, "bytes": 1540720},
                  {"name": "sst2-mask", "version": 1, "bytes": 906092}],
     "replica": None,
