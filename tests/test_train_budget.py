@@ -275,6 +275,12 @@ def test_dsee_retrains_at_a_decayed_rate_without_warm_up():
     assert phases[1].lr_scale < 1 and not phases[1].warmup and phases[1].epochs >= 2
 
 
+def test_dsee_targets_come_from_the_command_line():
+    assert make_method("dsee", method_args()).config.targets == ("query", "value")  # the paper's setting
+    every = make_method("dsee", method_args(dsee_targets="query,key,value,attention_output,ffn_in,ffn_out"))
+    assert every.config.targets == ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+
+
 # --------------------------------------------------------------------------- precision
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from server.backbone import LAYER_ROLES
 from tests.conftest import make_tiny_backbone, shared_data_or_skip
 from training.data import label_set, read_conll, read_examples
 from training.grebsmo import grebsmo, sparse_support
@@ -45,10 +46,11 @@ def test_smallest_fraction_prunes_exactly_the_ratio():
             assert gone.max() <= kept.min()
 
 
-def test_dsee_unstructured_pruning_ratio_is_exact_per_group(tokenizer):
+@pytest.mark.parametrize("targets", [("query", "value"), LAYER_ROLES])
+def test_dsee_unstructured_pruning_ratio_is_exact_per_group(tokenizer, targets):
     backbone = make_tiny_backbone(tokenizer)
     model = DeltaModel(backbone, "sequence-classification", 2)
-    method = Dsee(DseeConfig(ratio=0.2, sparse_k=4))
+    method = Dsee(DseeConfig(targets=targets, ratio=0.2, sparse_k=4))
     method.setup(model, None)  # type: ignore[arg-type]
     with torch.no_grad():
         for module in model.deltas.values():

@@ -58,6 +58,8 @@ def trained_weight(module: DeltaLinear) -> torch.Tensor:
 def smallest_fraction(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """Keep masks dropping exactly round(ratio·total) of the entries with the smallest scores."""
     names = list(scores)
+    if not names:  # DSEE on every linear leaves no "others" group
+        return {}
     flat = torch.cat([scores[name].reshape(-1) for name in names])
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     count = round(ratio * flat.numel())
@@ -144,6 +146,8 @@ class Dsee(Method):
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--dsee-targets", default=",".join(DseeConfig.targets),
+                       help="layout roles given B·A + S: query,key,value,attention_output,ffn_in,ffn_out")
     group.add_argument("--dsee-rank", type=int, default=DseeConfig.rank)
     group.add_argument("--dsee-alpha", type=float, default=DseeConfig.alpha)
     group.add_argument("--dsee-sparse-k", type=int, default=DseeConfig.sparse_k)
@@ -156,7 +160,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def make(args: argparse.Namespace) -> Dsee:
-    return Dsee(DseeConfig(rank=args.dsee_rank, alpha=args.dsee_alpha, sparse_k=args.dsee_sparse_k,
+    return Dsee(DseeConfig(targets=tuple(args.dsee_targets.split(",")),
+                           rank=args.dsee_rank, alpha=args.dsee_alpha, sparse_k=args.dsee_sparse_k,
                            prune=args.dsee_prune, ratio=args.dsee_ratio, heads=args.dsee_heads,
                            retrain_epochs=args.dsee_retrain_epochs,
                            retrain_lr_scale=args.dsee_retrain_lr_scale))
