@@ -147,7 +147,7 @@ class Dsee(Method):
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--dsee-targets", default=",".join(DseeConfig.targets),
-                       help="layout roles given B·A + S: query,key,value,attention_output,ffn_in,ffn_out")
+                       help=f"layout roles given B·A + S, of {','.join(LAYER_ROLES)}")
     group.add_argument("--dsee-rank", type=int, default=DseeConfig.rank)
     group.add_argument("--dsee-alpha", type=float, default=DseeConfig.alpha)
     group.add_argument("--dsee-sparse-k", type=int, default=DseeConfig.sparse_k)

@@ -57,7 +57,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lora-rank", type=int, default=LoraConfig.rank)
     group.add_argument("--lora-alpha", type=float, default=LoraConfig.alpha)
     group.add_argument("--lora-targets", default=",".join(LoraConfig.targets),
-                       help="layout roles: query,key,value,attention_output,ffn_in,ffn_out")
+                       help=f"layout roles, of {','.join(LAYER_ROLES)}")
 
 
 def make(args: argparse.Namespace) -> Lora:
